@@ -1,0 +1,63 @@
+"""The PDK handle given to plugin code.
+
+Plugin code gets kong-pdk's own `Kong(ch, lua_style).kong`, so the PDK stubs, the log-argument
+sanitising and the Lua-style `(data, err)` returns stay exactly upstream's. We only replace
+`ch`: upstream's `rpc_of` does `ch.put(call)` and then, unless the call is terminal,
+`data, err = ch.get()`. Our `ch` knows which event it serves, so a call on an ended event
+never blocks: its `get()` answers `(None, why)` at once, which upstream's `rpc_of` turns into
+the Lua-style error or a PDKException.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional, Tuple
+
+if TYPE_CHECKING:
+    from .backends import Worker
+    from .engine import Engine, Event
+
+# Kong runs these and never sends another Step for the event (KONG_PROTOCOL.md).
+TERMINAL_METHODS = frozenset(("kong.response.exit", "kong.response.error"))
+
+# Put into a waiting worker's inbox when the reaper ends its event (see engine.Reaper).
+ABANDONED = object()
+
+
+class PDKChannel:
+    """One per worker, reused for every event the worker runs."""
+
+    def __init__(self, engine: "Engine", worker: "Worker", lua_style: bool) -> None:
+        from kong_pdk.pdk import Kong  # imported late: kong_pdk is what we patch
+
+        self._engine = engine
+        self._worker = worker
+        self.event: Optional["Event"] = None
+        self._refusal: Optional[str] = None
+        self.kong = Kong(self, lua_style).kong
+
+    def begin(self, event: Optional["Event"]) -> None:
+        """Serve `event` from now on (None: between events)."""
+        self.event = event
+        self._refusal = None
+
+    def put(self, call: Any) -> None:
+        event = self.event
+        assert event is not None, "PDK call outside an event"
+        method = call.get("Method") if isinstance(call, dict) else None
+        terminal = method in TERMINAL_METHODS
+        if self._engine.post_call(event, self._worker, call, terminal):
+            self._refusal = None
+        elif not terminal:
+            # The event ended; upstream's rpc_of calls get() next and returns our answer.
+            self._refusal = "%s not sent to Kong: %s" % (method, event.why_ended())
+
+    def get(self) -> Tuple[Any, Optional[str]]:
+        if self._refusal is not None:
+            why, self._refusal = self._refusal, None
+            return None, why
+        answer = self._worker.inbox.get()
+        if answer is ABANDONED:
+            event = self.event
+            assert event is not None
+            return None, "no answer from Kong: %s" % event.why_ended()
+        return answer  # (data, err) from Step or StepError

@@ -1,0 +1,144 @@
+"""install() and uninstall(): thin wrapt wrappers on kong_pdk.server.PluginServer that hand
+HandleEvent, Step* and GetStatus to the engine. Upstream files are never edited.
+
+install() is idempotent, thread-safe, all-or-nothing and reversible; it refuses an unsupported
+kong-pdk with one log line and leaves upstream as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from typing import Any, Callable, Dict, Optional
+
+import wrapt
+
+from . import compat, config
+
+log = logging.getLogger("kong_pdk_fix")
+
+SENTINEL = "_kong_pdk_fix_installed"  # set on PluginServer while patched
+ENGINE_ATTRIBUTE = "_kong_pdk_fix_engine"  # set on each PluginServer instance, lazily
+
+_lock = threading.RLock()
+_originals: Dict[str, Any] = {}  # attribute name -> upstream's function, while installed
+
+
+def _engine_for(server: Any) -> Optional[Any]:
+    """The engine serving this PluginServer, created on its first event; None for the modes
+    the engine does not cover yet, which keep upstream's behaviour."""
+    engine = server.__dict__.get(ENGINE_ATTRIBUTE)
+    if engine is not None:
+        return engine
+    if server.use_gevent or server.use_multiprocess:
+        return None
+    with _lock:
+        engine = server.__dict__.get(ENGINE_ATTRIBUTE)
+        if engine is None:
+            from .backends import ThreadBackend
+            from .engine import Engine
+
+            engine = Engine(server, ThreadBackend())
+            server.__dict__[ENGINE_ATTRIBUTE] = engine
+        return engine
+
+
+def _handle_event(wrapped: Callable, server: Any, args: tuple, kwargs: dict) -> Any:
+    engine = _engine_for(server)
+    if engine is None:
+        return wrapped(*args, **kwargs)
+    return engine.handle_event(*args, **kwargs)
+
+
+def _step(wrapped: Callable, server: Any, args: tuple, kwargs: dict) -> Any:
+    engine = _engine_for(server)
+    if engine is None:
+        return wrapped(*args, **kwargs)
+    return engine.step(*args, **kwargs)
+
+
+def _step_error(wrapped: Callable, server: Any, args: tuple, kwargs: dict) -> Any:
+    engine = _engine_for(server)
+    if engine is None:
+        return wrapped(*args, **kwargs)
+    return engine.step(*args, is_error=True, **kwargs)
+
+
+def _get_status(wrapped: Callable, server: Any, args: tuple, kwargs: dict) -> Any:
+    status = wrapped(*args, **kwargs)
+    engine = _engine_for(server)
+    status["KongPdkFix"] = engine.stats() if engine is not None else {
+        "mode": "upstream", "reason": "this mode is not covered by kong-pdk-fix yet"}
+    return status
+
+
+def _wrappers() -> Dict[str, Callable]:
+    wrappers: Dict[str, Callable] = {"handle_event": _handle_event, "get_status": _get_status,
+                                     compat.ERROR_STEP_METHOD: _step_error}
+    for name in compat.STEP_METHODS:
+        wrappers[name] = _step
+    return wrappers
+
+
+def install() -> bool:
+    """Patch kong_pdk's plugin server. True when the fix is in place (now or already)."""
+    if config.disabled():
+        log.info("kong-pdk-fix: not installed: KONG_PDK_FIX_DISABLE is set")
+        return False
+    with _lock:
+        try:
+            import kong_pdk.server as server_module
+        except Exception as ex:  # kong_pdk missing or broken: upstream is not ours to fix
+            log.warning("kong-pdk-fix: not installed: kong_pdk.server cannot be imported: %s", ex)
+            return False
+        cls = server_module.PluginServer
+        if cls.__dict__.get(SENTINEL):
+            log.debug("kong-pdk-fix: already installed")
+            return True
+        problem = (compat.version_problem(compat.installed_version())
+                   or compat.shape_problem(server_module))
+        if problem:
+            log.warning("kong-pdk-fix: not installed, kong-pdk left unpatched: %s", problem)
+            return False
+
+        applied: Dict[str, Any] = {}
+        try:
+            for name, wrapper in _wrappers().items():
+                original = cls.__dict__[name]
+                setattr(cls, name, wrapt.FunctionWrapper(original, wrapper))
+                applied[name] = original
+            setattr(cls, SENTINEL, True)
+        except Exception as ex:
+            for name, original in applied.items():
+                setattr(cls, name, original)
+            log.warning("kong-pdk-fix: not installed, kong-pdk left unpatched: %r", ex)
+            return False
+        _originals.update(applied)
+        logging.getLogger("kong_pdk_fix").setLevel(config.current().log_level.upper())
+        log.debug("kong-pdk-fix: installed on kong-pdk %s", compat.installed_version())
+        return True
+
+
+def uninstall() -> bool:
+    """Put upstream's methods back. True when something was undone."""
+    with _lock:
+        server_module = sys.modules.get("kong_pdk.server")
+        if server_module is None or not server_module.PluginServer.__dict__.get(SENTINEL):
+            return False
+        cls = server_module.PluginServer
+        for name, original in _originals.items():
+            setattr(cls, name, original)
+        _originals.clear()
+        delattr(cls, SENTINEL)
+
+        from .engine import stop_all
+
+        for server in stop_all():
+            server.__dict__.pop(ENGINE_ATTRIBUTE, None)
+        return True
+
+
+def is_installed() -> bool:
+    server_module = sys.modules.get("kong_pdk.server")
+    return bool(server_module is not None and server_module.PluginServer.__dict__.get(SENTINEL))
