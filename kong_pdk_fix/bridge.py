@@ -45,7 +45,7 @@ class PDKChannel:
         assert event is not None, "PDK call outside an event"
         method = call.get("Method") if isinstance(call, dict) else None
         terminal = method in TERMINAL_METHODS
-        if self._engine.post_call(event, self._worker, call, terminal):
+        if self._engine.post_call(event, self._worker, call, method if terminal else None):
             self._refusal = None
         elif not terminal:
             # The event ended; upstream's rpc_of calls get() next and returns our answer.

@@ -68,21 +68,22 @@ class Event:
         self.state = RUNNING
         self.deadline = 0.0  # when WAITING_KONG: the reaper ends it after this
         self.cause: Optional[str] = None  # set once, when the event ends
-        self.terminal_sent = False  # the handler called kong.response.exit/error
+        self.terminal_sent: Optional[str] = None  # kong.response.exit/error, once called
 
     @property
     def ended(self) -> bool:
         return self.cause is not None
 
     def why_ended(self) -> str:
+        if self.terminal_sent:
+            return "event %d of plugin %s (%s phase) already ended: %s was called" % (
+                self.id, self.plugin, self.phase, self.terminal_sent)
         what = {
-            EXIT: "kong.response.exit was called",
-            ERROR: "kong.response.error was called",
             TIMEOUT: "the handler ran past handler_timeout",
             ABANDONED_CAUSE: "Kong sent no Step within event_ttl",
             RAISED: "the handler raised",
             RET: "the handler returned",
-        }.get(self.cause or "", "kong.response.exit/error was called")
+        }.get(self.cause or "", "it was still running")
         return "event %d of plugin %s (%s phase) already ended: %s" % (
             self.id, self.plugin, self.phase, what)
 
@@ -214,13 +215,14 @@ class Engine:
 
     # -- the worker's side --------------------------------------------------------------------
 
-    def post_call(self, ev: Event, worker: Worker, call: Any, terminal: bool) -> bool:
-        """Hand a PDK call of the handler to the engine; False when its event has ended."""
+    def post_call(self, ev: Event, worker: Worker, call: Any, terminal: Optional[str]) -> bool:
+        """Hand a PDK call of the handler to the engine; False when its event has ended.
+        `terminal`: the method's name when it is kong.response.exit/error."""
         with self.lock:
             if ev.ended or ev.terminal_sent:
                 return False
             if terminal:
-                ev.terminal_sent = True
+                ev.terminal_sent = terminal
             worker.outbox.put((CALL, call))
             return True
 

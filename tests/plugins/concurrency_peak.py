@@ -1,0 +1,23 @@
+"""Blocks before its first PDK call (an auth call, say), then tells Kong through kong.log.notice
+how many of its handlers ran at once at the most."""
+
+import threading
+import time
+
+LOCK = threading.Lock()
+ACTIVE = {"now": 0, "peak": 0}
+
+
+class Plugin:
+    def __init__(self, config):
+        self.sleep = config.get("sleep", 0.3)
+
+    def access(self, kong):
+        with LOCK:
+            ACTIVE["now"] += 1
+            ACTIVE["peak"] = max(ACTIVE["peak"], ACTIVE["now"])
+        time.sleep(self.sleep)
+        with LOCK:
+            ACTIVE["now"] -= 1
+            peak = ACTIVE["peak"]
+        kong.log.notice("peak %d" % peak)

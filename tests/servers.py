@@ -1,0 +1,119 @@
+"""Starting real plugin servers for the tests, and measuring what they leave behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+
+from kong_pdk_fix.compat import parse_version
+from kong_pdk_fix.kongsim import PluginServerProcess, ScriptedPDK, install_probe, probe_heap
+
+PLUGINS = os.path.join(os.path.dirname(__file__), "plugins")
+KONG_PDK = parse_version(metadata.version("kong-pdk"))[:2]
+# kong-pdk 0.33 and 0.34 keep every event in PluginServer.events until "ret" arrives by Step,
+# so even an event that never calls the PDK stays for ever (KONG_PROTOCOL.md leak table).
+LEAKS_EVERY_EVENT = KONG_PDK <= (0, 34)
+# The types that hold upstream's per-event queues (the original report's heap table).
+QUEUE_TYPES = ("deque", "Queue", "Condition")
+
+
+@contextlib.contextmanager
+def running_server(tmp_path: Any, *, patched: bool, plugins: Sequence[str] = (),
+                   copies: Optional[Dict[str, str]] = None,
+                   mode: str = "thread", env: Optional[Dict[str, str]] = None,
+                   read_timeout: float = 10.0, **kwargs: Any) -> Iterator["Running"]:
+    """A real kong-python-pluginserver loading `plugins` (file stems in tests/plugins, all of
+    them when empty), `copies` ({new name: file stem}) and the probe, with an emulated Kong
+    worker talking to it."""
+    plugins_dir = tmp_path / ("plugins-%s" % ("patched" if patched else "upstream"))
+    plugins_dir.mkdir()
+    names = plugins or [f[:-3] for f in os.listdir(PLUGINS) if f.endswith(".py")]
+    for name in names:
+        shutil.copy(os.path.join(PLUGINS, name + ".py"), str(plugins_dir))
+    for new_name, name in (copies or {}).items():
+        shutil.copy(os.path.join(PLUGINS, name + ".py"), str(plugins_dir / (new_name + ".py")))
+    install_probe(str(plugins_dir))
+    with PluginServerProcess(str(plugins_dir), mode=mode, patched=patched, env=env,
+                             **kwargs) as server:
+        kong = server.kong(read_timeout=read_timeout)
+        try:
+            yield Running(server, kong)
+        finally:
+            kong.close()
+
+
+@dataclass
+class Sample:
+    objects: int  # deque + Queue + Condition alive in the server
+    threads: int
+    fds: int
+    rss: int
+    events: Optional[int]  # events in the shim's table (None on an upstream server)
+    counts: Dict[str, Any]
+
+
+@dataclass
+class Running:
+    server: PluginServerProcess
+    kong: Kong
+
+    def sample(self) -> Sample:
+        counts = probe_heap(self.kong)
+        return Sample(
+            objects=sum(counts.get(t, 0) for t in QUEUE_TYPES),
+            threads=self.server.threads(),
+            fds=self.server.fds(),
+            rss=self.server.rss(),
+            events=self.live_events(),
+            counts=counts,
+        )
+
+    def status(self) -> Dict[str, Any]:
+        return self.kong.call("plugin.GetStatus", None)
+
+    def shim_stats(self) -> Optional[Dict[str, Any]]:
+        return self.status().get("KongPdkFix")
+
+    def live_events(self) -> Optional[int]:
+        stats = self.shim_stats()
+        if stats is None:
+            return None
+        return sum(stats["events"].values())
+
+    def run(self, plugin: str, pdk: Optional[ScriptedPDK] = None, phase: str = "access",
+            config: Optional[dict] = None) -> Any:
+        return self.kong.run_event(plugin, phase, pdk or ScriptedPDK(), config)
+
+    def repeat(self, n: int, plugin: str, pdk_factory: Callable[[], ScriptedPDK] = ScriptedPDK,
+               phase: str = "access") -> Dict[str, int]:
+        kinds: Dict[str, int] = {}
+        for _ in range(n):
+            outcome = self.run(plugin, pdk_factory(), phase)
+            kinds[outcome.kind] = kinds.get(outcome.kind, 0) + 1
+        return kinds
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
+    """Poll until predicate() is truthy; returns its last value (falsy on timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def describe(before: Sample, after: Sample) -> str:
+    return json.dumps({
+        "objects": [before.objects, after.objects],
+        "threads": [before.threads, after.threads],
+        "fds": [before.fds, after.fds],
+        "rss_kib": [before.rss // 1024, after.rss // 1024],
+        "events": [before.events, after.events],
+    })
