@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from . import config
 from ._bootstrap import activate
 from .config import Settings, configure
 from .patch import install, is_installed, uninstall
 
 __version__ = "0.1.0"
-__all__ = ["install", "uninstall", "is_installed", "configure", "stats", "Settings",
-           "__version__"]
+__all__ = ["install", "uninstall", "is_installed", "configure", "stats", "Settings", "__version__"]
 
 
 def stats() -> Dict[str, Any]:

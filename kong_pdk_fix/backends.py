@@ -1,13 +1,21 @@
 """Where plugin handlers run: a bounded pool of reused workers, each with its own reused pair
 of one-slot mailboxes. The engine decides what goes through them; this module only moves
-things and knows nothing of Kong.
+things and knows nothing of Kong's events.
 
-Threading mode (kong-pdk's default) is here; a backend gives the engine `lock()`, `clock()`,
-`spawn(fn)` for its reaper, and a `WorkerPool`.
+A backend gives the engine `lock()`, `clock()`, `sleep()`, `spawn()` for its reaper, a
+`WorkerPool`, and `run_handler()`. Three of them, one per kong-pdk mode:
+- ThreadBackend (the default): a worker is a thread.
+- GeventBackend (`-g`): a worker is a greenlet; its mailboxes are buffered gevent queues
+  (upstream's gevent Channel is a rendezvous, so its last put after an exit blocks for ever).
+- ProcessBackend (`-m`): the handler runs in a process of upstream's multiprocessing pool, as
+  upstream does; a worker is a thread that owns one pipe to one pool process for the life of
+  the process and relays the handler's PDK calls through the engine's PDK channel.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import queue
 import sys
 import threading
@@ -15,22 +23,22 @@ import time
 import traceback
 from typing import Any, Callable, List, Optional
 
+from .bridge import TERMINAL_METHODS
+
 # What Mailbox.get answers when its timeout ran out.
 TIMED_OUT = object()
-# Put into a worker's inbox to end its loop (uninstall, tests).
+# Put into a worker's inbox to end its loop (uninstall).
 STOP = object()
 
 
 class Mailbox:
-    """A reusable one-way channel that never holds more than one message.
+    """A reusable one-way channel; the engine never lets it hold more than one message."""
 
-    queue.SimpleQueue is C code with no Condition or deque per instance; one lives as long as
-    its worker, instead of two Queues per event as upstream allocates."""
+    __slots__ = ("_q", "_empty")
 
-    __slots__ = ("_q",)
-
-    def __init__(self) -> None:
-        self._q: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+    def __init__(self, q: Any, empty: type) -> None:
+        self._q = q
+        self._empty = empty
 
     def put(self, message: Any) -> None:
         self._q.put(message)
@@ -38,30 +46,29 @@ class Mailbox:
     def get(self, timeout: Optional[float] = None) -> Any:
         try:
             return self._q.get(timeout=timeout)
-        except queue.Empty:
+        except self._empty:
             return TIMED_OUT
 
     def get_nowait(self) -> Any:
         try:
             return self._q.get_nowait()
-        except queue.Empty:
+        except self._empty:
             return TIMED_OUT
 
 
 class Worker:
-    """One reused thread. `inbox` brings it a job, then Kong's answers to its PDK calls;
-    `outbox` carries its PDK calls and its final message back to the engine."""
+    """One reused thread or greenlet. `inbox` brings it a job, then Kong's answers to its PDK
+    calls; `outbox` carries its PDK calls and its final message back to the engine."""
 
-    def __init__(self, index: int, run_job: Callable[["Worker", Any], None]) -> None:
+    def __init__(self, index: int, run_job: Callable[["Worker", Any], None], backend: Any) -> None:
         self.index = index
-        self.inbox = Mailbox()
-        self.outbox = Mailbox()
-        self.state: Any = None  # the engine's per-worker data (its PDK bridge)
+        self.backend = backend
+        self.inbox = backend.mailbox()
+        self.outbox = backend.mailbox()
+        self.state: Any = None  # the engine's per-worker data (its PDK channel)
+        self.link: Any = None  # the process backend's pipe to its pool process
         self._run_job = run_job
-        self._thread = threading.Thread(
-            target=self._loop, name="kong-pdk-fix-worker-%d" % index, daemon=True
-        )
-        self._thread.start()
+        self._handle = backend.spawn(self._loop, "kong-pdk-fix-worker-%d" % index)
 
     def _loop(self) -> None:
         while True:
@@ -72,84 +79,247 @@ class Worker:
 
     def stack(self) -> str:
         """Where the worker's handler is now, for the stuck-worker report."""
-        frame = sys._current_frames().get(self._thread.ident or -1)
-        if frame is None:
-            return "(no stack: the worker thread is gone)\n"
-        return "".join(traceback.format_stack(frame))
+        return self.backend.stack(self)
 
-    def stop(self, timeout: Optional[float] = None) -> None:
+    def stop(self) -> None:
         self.inbox.put(STOP)
-        self._thread.join(timeout)
 
 
 class WorkerPool:
-    """At most `max_workers()` workers, created on demand and kept; idle ones are reused last
-    in, first out, so a few hot threads serve a light load."""
+    """At most `size` workers, created on demand and kept; idle ones are reused last in,
+    first out, so a few hot workers serve a light load."""
 
-    def __init__(self, run_job: Callable[[Worker, Any], None],
-                 max_workers: Callable[[], int]) -> None:
+    def __init__(self, run_job: Callable[[Worker, Any], None], size: int, backend: Any) -> None:
         self._run_job = run_job
-        self._max_workers = max_workers
-        self._cond = threading.Condition(threading.Lock())
+        self._backend = backend
+        self.size = size
+        self._slots = backend.semaphore(size)
+        self._lock = threading.Lock()  # guards the lists only; never held while waiting
         self._idle: List[Worker] = []
         self._all: List[Worker] = []
 
     def acquire(self, timeout: float) -> Optional[Worker]:
         """An idle worker, a new one while under the bound, or None after `timeout` s."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                if self._idle:
-                    return self._idle.pop()
-                if len(self._all) < self._max_workers():
-                    worker = Worker(len(self._all), self._run_job)
-                    self._all.append(worker)
-                    return worker
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                self._cond.wait(left)
+        if not self._slots.acquire(timeout=timeout):
+            return None
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+            index = len(self._all)
+        worker = Worker(index, self._run_job, self._backend)
+        with self._lock:
+            self._all.append(worker)
+        return worker
 
     def release(self, worker: Worker) -> None:
-        with self._cond:
+        with self._lock:
             self._idle.append(worker)
-            self._cond.notify()
+        self._slots.release()
 
     def counts(self) -> "tuple[int, int]":
         """(workers in all, idle workers)."""
-        with self._cond:
+        with self._lock:
             return len(self._all), len(self._idle)
 
     def stop(self) -> None:
-        """End every idle worker's thread; busy ones end when their handler returns."""
-        with self._cond:
+        """End the idle workers (uninstall); busy ones finish their handler and stay idle."""
+        with self._lock:
             idle, self._idle = self._idle, []
             for worker in idle:
                 self._all.remove(worker)
         for worker in idle:
-            worker.stop(timeout=1.0)
+            self._backend.retire(worker)
 
 
 class ThreadBackend:
     name = "threading"
 
-    @staticmethod
-    def lock() -> Any:
-        return threading.Lock()
+    def __init__(self, server: Any = None) -> None:
+        pass
+
+    lock = staticmethod(threading.Lock)
+    clock = staticmethod(time.monotonic)
+    sleep = staticmethod(time.sleep)
 
     @staticmethod
-    def clock() -> float:
-        return time.monotonic()
+    def semaphore(n: int) -> Any:
+        return threading.Semaphore(n)
+
+    @staticmethod
+    def mailbox() -> Mailbox:
+        # SimpleQueue is C code with no Condition or deque of its own.
+        return Mailbox(queue.SimpleQueue(), queue.Empty)
+
+    @staticmethod
+    def spawn(fn: Callable[[], None], name: str) -> Any:
+        thread = threading.Thread(target=fn, name=name, daemon=True)
+        thread.start()
+        return thread
+
+    @staticmethod
+    def stack(worker: Worker) -> str:
+        frame = sys._current_frames().get(worker._handle.ident or -1)
+        return "".join(traceback.format_stack(frame)) if frame else "(no stack)\n"
+
+    def worker_pool(self, run_job: Callable[[Worker, Any], None], size: int) -> WorkerPool:
+        return WorkerPool(run_job, size, self)
+
+    def run_handler(self, worker: Worker, handler: Callable, channel: Any) -> None:
+        handler(channel.kong)
+
+    def retire(self, worker: Worker) -> None:
+        worker.stop()
+
+
+class GeventBackend(ThreadBackend):
+    """Greenlets. The engine's lock stays an OS lock: it is never held across a switch
+    (nothing under it blocks), and kong-pdk does not monkey-patch threading."""
+
+    name = "gevent"
 
     @staticmethod
     def sleep(seconds: float) -> None:
-        time.sleep(seconds)
+        import gevent
+
+        gevent.sleep(seconds)
 
     @staticmethod
-    def spawn(fn: Callable[[], None], name: str) -> None:
-        threading.Thread(target=fn, name=name, daemon=True).start()
+    def semaphore(n: int) -> Any:
+        from gevent.lock import Semaphore
+
+        return Semaphore(n)
 
     @staticmethod
-    def worker_pool(run_job: Callable[[Worker, Any], None],
-                    max_workers: Callable[[], int]) -> WorkerPool:
-        return WorkerPool(run_job, max_workers)
+    def mailbox() -> Mailbox:
+        from gevent.queue import Empty, Queue
+
+        return Mailbox(Queue(), Empty)  # buffered: a put never waits for its getter
+
+    @staticmethod
+    def spawn(fn: Callable[[], None], name: str) -> Any:
+        import gevent
+
+        greenlet = gevent.spawn(fn)
+        greenlet.name = name
+        return greenlet
+
+    @staticmethod
+    def stack(worker: Worker) -> str:
+        frame = worker._handle.gr_frame
+        return "".join(traceback.format_stack(frame)) if frame else "(no stack)\n"
+
+
+# -- multiprocessing (-m) ---------------------------------------------------------------------
+
+CALL, FINISHED, FAILED, READY = "call", "finished", "failed", "ready"
+LINK_TIMEOUT = 10
+
+
+class HandlerRaised(Exception):
+    """A handler raised in its pool process; the message names the exception and holds the
+    pool process's traceback."""
+
+
+class PoolProcessDied(Exception):
+    pass
+
+
+class ProcessBackend(ThreadBackend):
+    """Handlers run in upstream's multiprocessing pool (kong-pdk's `-m`), which pickles the
+    plugin instance to a pool process for every event; so do we. Each worker thread here
+    keeps one long-running task on one pool process, talking over one pipe kept as long as
+    that process lives (upstream opens a pipe per event and leaks it when the event never
+    ends)."""
+
+    name = "multiprocessing"
+
+    def __init__(self, server: Any) -> None:
+        self._pool = server._process_pool
+        self.processes = self._pool._processes
+        self._lua_style = bool(server.lua_style)
+
+    def run_handler(self, worker: Worker, handler: Callable, channel: Any) -> None:
+        if worker.link is None:
+            worker.link = self._open_link()
+        link = worker.link
+        try:
+            link.send(handler)  # pickles the plugin instance, as upstream does
+            while True:
+                kind, payload = link.recv()
+                if kind == CALL:
+                    channel.put(payload)
+                    if payload.get("Method") not in TERMINAL_METHODS:
+                        link.send(channel.get())
+                elif kind == FINISHED:
+                    return
+                else:
+                    raise HandlerRaised(payload)
+        except (EOFError, OSError) as ex:
+            # The pool process died (upstream's pool starts another): start a new task there.
+            link.close()
+            worker.link = None
+            raise PoolProcessDied("the pool process running the handler died (%r)" % ex) from None
+
+    def _open_link(self) -> Any:
+        parent, child = multiprocessing.Pipe(duplex=True)
+        self._pool.apply_async(serve_in_pool_process, (child, self._lua_style))
+        # The pool pickles `child` later, from its task thread: keep our copy open until the
+        # task has started, then close it so that the pipe closes with the pool process.
+        if not parent.poll(LINK_TIMEOUT):
+            parent.close()
+            child.close()
+            raise PoolProcessDied("no pool process took the task within %d s" % LINK_TIMEOUT)
+        parent.recv()  # READY
+        child.close()
+        return parent
+
+    def retire(self, worker: Worker) -> None:
+        if worker.link is not None:
+            worker.link.close()  # the pool task sees EOF and ends
+        worker.stop()
+
+
+class _ChildChannel:
+    """The pool process's side of a worker's pipe, given to kong-pdk's Kong(ch, lua_style)."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def put(self, call: Any) -> None:
+        self._conn.send((CALL, call))
+
+    def get(self) -> Any:
+        return self._conn.recv()  # (data, err): the engine's answer, a refusal included
+
+
+def serve_in_pool_process(conn: Any, lua_style: bool) -> None:
+    """A task that runs for the life of its pool process: one handler call per message."""
+    from kong_pdk.pdk import Kong
+
+    kong = Kong(_ChildChannel(conn), lua_style).kong
+    conn.send(READY)
+    while True:
+        try:
+            handler = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            handler(kong)
+        except BaseException as ex:  # noqa: B036 - report it, keep the pool process serving
+            message = "%s: %s\n%s" % (type(ex).__name__, ex, traceback.format_exc())
+            conn.send((FAILED, message))
+        else:
+            conn.send((FINISHED, None))
+
+
+def for_server(server: Any) -> Any:
+    if server.use_multiprocess:
+        return ProcessBackend(server)
+    if server.use_gevent:
+        return GeventBackend(server)
+    return ThreadBackend(server)
+
+
+def pool_size(backend: Any, max_workers: int) -> int:
+    # In -m a worker is pinned to a pool process: never more workers than processes.
+    return min(max_workers, getattr(backend, "processes", max_workers) or os.cpu_count() or 1)

@@ -46,8 +46,14 @@ class Settings:
 
 
 ENV_PREFIX = "KONG_PDK_FIX_"
-_CONVERTERS = {"event_ttl": float, "handler_timeout": float, "overload_timeout": float,
-               "max_workers": int, "on_error": str, "log_level": str}
+_CONVERTERS = {
+    "event_ttl": float,
+    "handler_timeout": float,
+    "overload_timeout": float,
+    "max_workers": int,
+    "on_error": str,
+    "log_level": str,
+}
 
 
 def coerce(values: Mapping[str, Any]) -> Dict[str, Any]:
@@ -61,8 +67,9 @@ def coerce(values: Mapping[str, Any]) -> Dict[str, Any]:
         try:
             out[name] = _CONVERTERS[name](raw)
         except ValueError:
-            raise ValueError("kong-pdk-fix setting %s=%r is not a %s"
-                             % (name, raw, _CONVERTERS[name].__name__)) from None
+            raise ValueError(
+                "kong-pdk-fix setting %s=%r is not a %s" % (name, raw, _CONVERTERS[name].__name__)
+            ) from None
     return out
 
 

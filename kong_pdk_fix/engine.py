@@ -21,10 +21,10 @@ import threading
 import traceback
 import weakref
 from collections import Counter
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import config
-from .backends import TIMED_OUT, Worker
+from .backends import TIMED_OUT, HandlerRaised, Worker, pool_size
 from .bridge import ABANDONED, TERMINAL_METHODS, PDKChannel
 
 log = logging.getLogger("kong_pdk_fix")
@@ -57,8 +57,17 @@ class PluginServerError(Exception):
 
 
 class Event:
-    __slots__ = ("id", "plugin", "phase", "worker", "state", "deadline", "cause",
-                 "terminal_sent", "__weakref__")
+    __slots__ = (
+        "id",
+        "plugin",
+        "phase",
+        "worker",
+        "state",
+        "deadline",
+        "cause",
+        "terminal_sent",
+        "__weakref__",
+    )
 
     def __init__(self, eid: int, plugin: str, phase: str, worker: Worker) -> None:
         self.id = eid
@@ -77,7 +86,11 @@ class Event:
     def why_ended(self) -> str:
         if self.terminal_sent:
             return "event %d of plugin %s (%s phase) already ended: %s was called" % (
-                self.id, self.plugin, self.phase, self.terminal_sent)
+                self.id,
+                self.plugin,
+                self.phase,
+                self.terminal_sent,
+            )
         what = {
             TIMEOUT: "the handler ran past handler_timeout",
             ABANDONED_CAUSE: "Kong sent no Step within event_ttl",
@@ -85,7 +98,11 @@ class Event:
             RET: "the handler returned",
         }.get(self.cause or "", "it was still running")
         return "event %d of plugin %s (%s phase) already ended: %s" % (
-            self.id, self.plugin, self.phase, what)
+            self.id,
+            self.plugin,
+            self.phase,
+            what,
+        )
 
 
 _engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
@@ -109,7 +126,10 @@ class Engine:
         self.ended: Counter = Counter()
         self.overloaded = 0
         self.stuck: Dict[Worker, int] = {}  # worker -> event id it ran past handler_timeout
-        self.pool = backend.worker_pool(self._run_job, lambda: config.current().max_workers)
+        # The pool's size is fixed when the engine starts (the server's first event).
+        self.pool = backend.worker_pool(
+            self._run_job, pool_size(backend, config.current().max_workers)
+        )
         self.reaper = Reaper(self)
         backend.spawn(self.reaper.run, "kong-pdk-fix-reaper")
         _engines.add(self)
@@ -133,7 +153,8 @@ class Engine:
                 self.overloaded += 1
             raise self.error_type(
                 "kong-pdk-fix: overloaded: all %d workers busy for %.1f s; %s %s event not run"
-                % (settings.max_workers, settings.overload_timeout, instance.name, phase))
+                % (self.pool.size, settings.overload_timeout, instance.name, phase)
+            )
 
         with self.lock:
             ev = Event(next(self._ids), instance.name, phase, worker)
@@ -151,7 +172,8 @@ class Engine:
                 raise self.error_type("event id %s not found" % eid)
             if ev.state != WAITING_KONG:
                 raise self.error_type(
-                    "event id %s is not waiting for a Step (a Step for it is in progress)" % eid)
+                    "event id %s is not waiting for a Step (a Step for it is in progress)" % eid
+                )
             ev.state = RUNNING
         ev.worker.inbox.put((None, result) if is_error else (result, None))
         return self._reply(ev, config.current())
@@ -172,10 +194,12 @@ class Engine:
                 self.logger.error(
                     "kong-pdk-fix: %s %s handler still running after %.1f s; event %d ended "
                     "with an error reply; its worker is stuck until the handler returns:\n%s"
-                    % (ev.plugin, ev.phase, settings.handler_timeout, ev.id, worker.stack()))
+                    % (ev.plugin, ev.phase, settings.handler_timeout, ev.id, worker.stack())
+                )
                 raise self.error_type(
                     "kong-pdk-fix: plugin %s %s handler ran past handler_timeout (%.1f s)"
-                    % (ev.plugin, ev.phase, settings.handler_timeout))
+                    % (ev.plugin, ev.phase, settings.handler_timeout)
+                )
 
         kind, payload = message
         if kind == CALL:
@@ -232,8 +256,9 @@ class Engine:
         if channel is None:
             channel = worker.state = PDKChannel(self, worker, self.lua_style)
         channel.begin(ev)
+        message: Tuple[str, Optional[str]]
         try:
-            handler(channel.kong)
+            self.backend.run_handler(worker, handler, channel)
         except BaseException as ex:  # noqa: B036 - a plugin's SystemExit must not kill a worker
             message = (FAILED, self._describe_failure(ev, ex))
         else:
@@ -250,10 +275,15 @@ class Engine:
             self.pool.release(worker)
 
     def _describe_failure(self, ev: Event, ex: BaseException) -> str:
-        self.logger.error("kong-pdk-fix: plugin %s raised in its %s handler (event %d):\n%s"
-                          % (ev.plugin, ev.phase, ev.id, traceback.format_exc()))
-        return "kong-pdk-fix: plugin %s raised in its %s handler: %s: %s" % (
-            ev.plugin, ev.phase, type(ex).__name__, ex)
+        self.logger.error(
+            "kong-pdk-fix: plugin %s raised in its %s handler (event %d):\n%s"
+            % (ev.plugin, ev.phase, ev.id, traceback.format_exc())
+        )
+        if isinstance(ex, HandlerRaised):  # from a pool process: the text names the exception
+            what = str(ex).split("\n", 1)[0]
+        else:
+            what = "%s: %s" % (type(ex).__name__, ex)
+        return "kong-pdk-fix: plugin %s raised in its %s handler: %s" % (ev.plugin, ev.phase, what)
 
     # -- observability -------------------------------------------------------------------------
 
@@ -264,8 +294,12 @@ class Engine:
             return {
                 "mode": self.backend.name,
                 "events": {RUNNING: by_state[RUNNING], WAITING_KONG: by_state[WAITING_KONG]},
-                "workers": {"busy": total - idle, "idle": idle, "stuck": len(self.stuck),
-                            "max": config.current().max_workers},
+                "workers": {
+                    "busy": total - idle,
+                    "idle": idle,
+                    "stuck": len(self.stuck),
+                    "max": self.pool.size,
+                },
                 "started": self.started,
                 "ended": {cause: self.ended[cause] for cause in CAUSES},
                 "overloaded": self.overloaded,
@@ -303,8 +337,10 @@ class Reaper:
                     ev.worker.inbox.put(ABANDONED)  # its handler waits in PDKChannel.get
                     reaped.append(ev)
         for ev in reaped:
-            engine.logger.info("kong-pdk-fix: event %d of %s (%s) reaped: no Step from Kong "
-                               "within event_ttl" % (ev.id, ev.plugin, ev.phase))
+            engine.logger.info(
+                "kong-pdk-fix: event %d of %s (%s) reaped: no Step from Kong "
+                "within event_ttl" % (ev.id, ev.plugin, ev.phase)
+            )
         return len(reaped)
 
 
@@ -313,8 +349,14 @@ def all_stats() -> Dict[str, Any]:
     engines = list(_engines)
     if len(engines) == 1:
         return engines[0].stats()
-    total: Dict[str, Any] = {"engines": len(engines), "started": 0, "overloaded": 0,
-                             "events": Counter(), "workers": Counter(), "ended": Counter()}
+    total: Dict[str, Any] = {
+        "engines": len(engines),
+        "started": 0,
+        "overloaded": 0,
+        "events": Counter(),
+        "workers": Counter(),
+        "ended": Counter(),
+    }
     for engine in engines:
         s = engine.stats()
         total["started"] += s["started"]
@@ -335,4 +377,3 @@ def stop_all() -> List[Any]:
         _engines.discard(engine)
         servers.append(engine.server)
     return servers
-

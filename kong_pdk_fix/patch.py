@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 import wrapt
 
@@ -25,57 +25,49 @@ _lock = threading.RLock()
 _originals: Dict[str, Any] = {}  # attribute name -> upstream's function, while installed
 
 
-def _engine_for(server: Any) -> Optional[Any]:
-    """The engine serving this PluginServer, created on its first event; None for the modes
-    the engine does not cover yet, which keep upstream's behaviour."""
+def _engine_for(server: Any) -> Any:
+    """The engine serving this PluginServer, created on its first call."""
     engine = server.__dict__.get(ENGINE_ATTRIBUTE)
     if engine is not None:
         return engine
-    if server.use_gevent or server.use_multiprocess:
-        return None
     with _lock:
         engine = server.__dict__.get(ENGINE_ATTRIBUTE)
         if engine is None:
-            from .backends import ThreadBackend
+            from .backends import for_server
             from .engine import Engine
 
-            engine = Engine(server, ThreadBackend())
+            engine = Engine(server, for_server(server))
             server.__dict__[ENGINE_ATTRIBUTE] = engine
         return engine
 
 
+# The wrappers never call upstream's method (`wrapped`): the engine replaces it.
+
+
 def _handle_event(wrapped: Callable, server: Any, args: tuple, kwargs: dict) -> Any:
-    engine = _engine_for(server)
-    if engine is None:
-        return wrapped(*args, **kwargs)
-    return engine.handle_event(*args, **kwargs)
+    return _engine_for(server).handle_event(*args, **kwargs)
 
 
 def _step(wrapped: Callable, server: Any, args: tuple, kwargs: dict) -> Any:
-    engine = _engine_for(server)
-    if engine is None:
-        return wrapped(*args, **kwargs)
-    return engine.step(*args, **kwargs)
+    return _engine_for(server).step(*args, **kwargs)
 
 
 def _step_error(wrapped: Callable, server: Any, args: tuple, kwargs: dict) -> Any:
-    engine = _engine_for(server)
-    if engine is None:
-        return wrapped(*args, **kwargs)
-    return engine.step(*args, is_error=True, **kwargs)
+    return _engine_for(server).step(*args, is_error=True, **kwargs)
 
 
 def _get_status(wrapped: Callable, server: Any, args: tuple, kwargs: dict) -> Any:
     status = wrapped(*args, **kwargs)
-    engine = _engine_for(server)
-    status["KongPdkFix"] = engine.stats() if engine is not None else {
-        "mode": "upstream", "reason": "this mode is not covered by kong-pdk-fix yet"}
+    status["KongPdkFix"] = _engine_for(server).stats()
     return status
 
 
 def _wrappers() -> Dict[str, Callable]:
-    wrappers: Dict[str, Callable] = {"handle_event": _handle_event, "get_status": _get_status,
-                                     compat.ERROR_STEP_METHOD: _step_error}
+    wrappers: Dict[str, Callable] = {
+        "handle_event": _handle_event,
+        "get_status": _get_status,
+        compat.ERROR_STEP_METHOD: _step_error,
+    }
     for name in compat.STEP_METHODS:
         wrappers[name] = _step
     return wrappers
@@ -96,8 +88,9 @@ def install() -> bool:
         if cls.__dict__.get(SENTINEL):
             log.debug("kong-pdk-fix: already installed")
             return True
-        problem = (compat.version_problem(compat.installed_version())
-                   or compat.shape_problem(server_module))
+        problem = compat.version_problem(compat.installed_version()) or compat.shape_problem(
+            server_module
+        )
         if problem:
             log.warning("kong-pdk-fix: not installed, kong-pdk left unpatched: %s", problem)
             return False

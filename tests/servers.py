@@ -12,22 +12,31 @@ from importlib import metadata
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 from kong_pdk_fix.compat import parse_version
-from kong_pdk_fix.kongsim import PluginServerProcess, ScriptedPDK, install_probe, probe_heap
+from kong_pdk_fix.kongsim import Kong, PluginServerProcess, ScriptedPDK, install_probe, probe_heap
 
 PLUGINS = os.path.join(os.path.dirname(__file__), "plugins")
 KONG_PDK = parse_version(metadata.version("kong-pdk"))[:2]
 # kong-pdk 0.33 and 0.34 keep every event in PluginServer.events until "ret" arrives by Step,
 # so even an event that never calls the PDK stays for ever (KONG_PROTOCOL.md leak table).
 LEAKS_EVERY_EVENT = KONG_PDK <= (0, 34)
-# The types that hold upstream's per-event queues (the original report's heap table).
-QUEUE_TYPES = ("deque", "Queue", "Condition")
+MODES = ("thread", "gevent", "process")
+# What upstream allocates per event and leaks: the queues of the original report's heap table
+# (threading), gevent's Channel and the greenlet blocked on it (-g), pipes (-m).
+QUEUE_TYPES = ("deque", "Queue", "Condition", "Channel", "greenlet", "Connection")
 
 
 @contextlib.contextmanager
-def running_server(tmp_path: Any, *, patched: bool, plugins: Sequence[str] = (),
-                   copies: Optional[Dict[str, str]] = None,
-                   mode: str = "thread", env: Optional[Dict[str, str]] = None,
-                   read_timeout: float = 10.0, **kwargs: Any) -> Iterator["Running"]:
+def running_server(
+    tmp_path: Any,
+    *,
+    patched: bool,
+    plugins: Sequence[str] = (),
+    copies: Optional[Dict[str, str]] = None,
+    mode: str = "thread",
+    env: Optional[Dict[str, str]] = None,
+    read_timeout: float = 10.0,
+    **kwargs: Any,
+) -> Iterator["Running"]:
     """A real kong-python-pluginserver loading `plugins` (file stems in tests/plugins, all of
     them when empty), `copies` ({new name: file stem}) and the probe, with an emulated Kong
     worker talking to it."""
@@ -39,8 +48,9 @@ def running_server(tmp_path: Any, *, patched: bool, plugins: Sequence[str] = (),
     for new_name, name in (copies or {}).items():
         shutil.copy(os.path.join(PLUGINS, name + ".py"), str(plugins_dir / (new_name + ".py")))
     install_probe(str(plugins_dir))
-    with PluginServerProcess(str(plugins_dir), mode=mode, patched=patched, env=env,
-                             **kwargs) as server:
+    with PluginServerProcess(
+        str(plugins_dir), mode=mode, patched=patched, env=env, **kwargs
+    ) as server:
         kong = server.kong(read_timeout=read_timeout)
         try:
             yield Running(server, kong)
@@ -50,7 +60,7 @@ def running_server(tmp_path: Any, *, patched: bool, plugins: Sequence[str] = (),
 
 @dataclass
 class Sample:
-    objects: int  # deque + Queue + Condition alive in the server
+    objects: int  # QUEUE_TYPES alive in the server (in -m: in the pool process the probe ran in)
     threads: int
     fds: int
     rss: int
@@ -86,12 +96,22 @@ class Running:
             return None
         return sum(stats["events"].values())
 
-    def run(self, plugin: str, pdk: Optional[ScriptedPDK] = None, phase: str = "access",
-            config: Optional[dict] = None) -> Any:
+    def run(
+        self,
+        plugin: str,
+        pdk: Optional[ScriptedPDK] = None,
+        phase: str = "access",
+        config: Optional[dict] = None,
+    ) -> Any:
         return self.kong.run_event(plugin, phase, pdk or ScriptedPDK(), config)
 
-    def repeat(self, n: int, plugin: str, pdk_factory: Callable[[], ScriptedPDK] = ScriptedPDK,
-               phase: str = "access") -> Dict[str, int]:
+    def repeat(
+        self,
+        n: int,
+        plugin: str,
+        pdk_factory: Callable[[], ScriptedPDK] = ScriptedPDK,
+        phase: str = "access",
+    ) -> Dict[str, int]:
         kinds: Dict[str, int] = {}
         for _ in range(n):
             outcome = self.run(plugin, pdk_factory(), phase)
@@ -110,10 +130,12 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
 
 
 def describe(before: Sample, after: Sample) -> str:
-    return json.dumps({
-        "objects": [before.objects, after.objects],
-        "threads": [before.threads, after.threads],
-        "fds": [before.fds, after.fds],
-        "rss_kib": [before.rss // 1024, after.rss // 1024],
-        "events": [before.events, after.events],
-    })
+    return json.dumps(
+        {
+            "objects": [before.objects, after.objects],
+            "threads": [before.threads, after.threads],
+            "fds": [before.fds, after.fds],
+            "rss_kib": [before.rss // 1024, after.rss // 1024],
+            "events": [before.events, after.events],
+        }
+    )

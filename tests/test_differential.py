@@ -29,8 +29,10 @@ def _replies(tmp_path, patched: bool):
             outcome = srv.run(plugin, ScriptedPDK(answers), phase)
             outcomes.append((outcome.kind, outcome.calls, outcome.terminal, outcome.error))
         # errors Kong may see: an unknown instance (Kong restarts it), an unknown event
-        for method, arg in [("plugin.HandleEvent", {"InstanceId": 9999, "EventName": "access"}),
-                            ("plugin.Step", {"EventId": 9999, "Data": "x"})]:
+        for method, arg in [
+            ("plugin.HandleEvent", {"InstanceId": 9999, "EventName": "access"}),
+            ("plugin.Step", {"EventId": 9999, "Data": "x"}),
+        ]:
             outcomes.append(_error_of(srv, method, arg))
     return outcomes
 
@@ -51,8 +53,12 @@ def test_patched_and_upstream_give_the_same_replies(tmp_path):
 def test_a_request_with_exit_then_log_phase_matches_upstream(tmp_path):
     def run(patched):
         with running_server(tmp_path, patched=patched, plugins=["log_phase", "pdk_calls"]) as srv:
-            outcomes = srv.kong.run_request([("log_phase", None), ("pdk_calls", None)],
-                                            ScriptedPDK(ANSWERS), phases=("access",), log=True)
+            outcomes = srv.kong.run_request(
+                [("log_phase", None), ("pdk_calls", None)],
+                ScriptedPDK(ANSWERS),
+                phases=("access",),
+                log=True,
+            )
             return [(o.kind, o.calls, o.terminal) for o in outcomes]
 
     assert run(True) == run(False)
@@ -61,12 +67,14 @@ def test_a_request_with_exit_then_log_phase_matches_upstream(tmp_path):
 @pytest.mark.upstream
 def test_kong_28_step_error_matches_upstream(tmp_path):
     """Kong 2.8 sends a PDK method's error back with StepError."""
+
     def run(patched):
         with running_server(tmp_path, patched=patched, plugins=["pdk_calls"]) as srv:
             kong = type(srv.kong)(srv.server.socket_path, kong_version="2.8", read_timeout=5.0)
             try:
-                outcome = kong.run_event("pdk_calls", "access",
-                                         ScriptedPDK({"kong.request.get_header": LuaError("x")}))
+                outcome = kong.run_event(
+                    "pdk_calls", "access", ScriptedPDK({"kong.request.get_header": LuaError("x")})
+                )
             finally:
                 kong.close()
             return outcome.kind, outcome.calls

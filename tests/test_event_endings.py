@@ -8,7 +8,7 @@ import socket
 
 import msgpack
 import pytest
-from servers import running_server, wait_until
+from servers import MODES, running_server, wait_until
 
 from kong_pdk_fix.kongsim import STALL, LuaError, ScriptedPDK, drive
 
@@ -19,17 +19,21 @@ TTL_ENV = {"KONG_PDK_FIX_EVENT_TTL": "1"}
 
 
 @pytest.mark.upstream
-def test_upstream_freezes_when_a_handler_raises_before_its_first_pdk_call(tmp_path):
-    with running_server(tmp_path, patched=False, plugins=["raises", "noop"],
-                        read_timeout=2.0) as srv:
+@pytest.mark.parametrize("mode", MODES)
+def test_upstream_freezes_when_a_handler_raises_before_its_first_pdk_call(tmp_path, mode):
+    with running_server(
+        tmp_path, patched=False, plugins=["raises", "noop"], mode=mode, read_timeout=2.0
+    ) as srv:
         assert srv.run("raises").kind == "timeout"
         # e_lock is still held: another plugin's event on another connection hangs too.
         assert srv.run("noop").kind == "timeout"
 
 
-def test_a_raising_handler_is_answered_and_the_server_keeps_serving(tmp_path):
-    with running_server(tmp_path, patched=True, plugins=["raises", "noop"],
-                        read_timeout=5.0) as srv:
+@pytest.mark.parametrize("mode", MODES)
+def test_a_raising_handler_is_answered_and_the_server_keeps_serving(tmp_path, mode):
+    with running_server(
+        tmp_path, patched=True, plugins=["raises", "noop"], mode=mode, read_timeout=5.0
+    ) as srv:
         outcome = srv.run("raises")
         assert outcome.kind == "rpc_error"
         assert "raises" in outcome.error and "access" in outcome.error
@@ -43,10 +47,12 @@ def test_a_raising_handler_is_answered_and_the_server_keeps_serving(tmp_path):
     assert "Traceback" in log and "RuntimeError" in log
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("patched", [False, True], ids=["upstream", "patched"])
-def test_a_handler_raising_after_a_pdk_call(tmp_path, patched):
-    with running_server(tmp_path, patched=patched, plugins=["raises_later"],
-                        read_timeout=2.0) as srv:
+def test_a_handler_raising_after_a_pdk_call(tmp_path, patched, mode):
+    with running_server(
+        tmp_path, patched=patched, plugins=["raises_later"], mode=mode, read_timeout=2.0
+    ) as srv:
         outcome = srv.run("raises_later")
         if not patched:
             assert outcome.kind == "timeout"  # the Step is never answered
@@ -73,29 +79,64 @@ SILENT_KONG = {
 }
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("how", sorted(SILENT_KONG))
-@pytest.mark.parametrize("patched", [False, True], ids=["upstream", "patched"])
-def test_events_kong_stops_stepping_are_reaped(tmp_path, how, patched):
-    """Two batches of events Kong stops stepping: upstream keeps a blocked thread for each;
-    with the fix they are reaped after event_ttl and the second batch reuses the workers."""
-    n = 40
+def test_events_kong_stops_stepping_are_reaped(tmp_path, how, mode):
+    """Two batches of events Kong stops stepping: with the fix they are reaped after
+    event_ttl and the second batch reuses the workers (upstream: the tests below)."""
+    n = 4 if mode == "process" else 40  # -m: as many workers as pool processes (2 here)
     pdk = lambda: ScriptedPDK({"kong.request.get_header": SILENT_KONG[how]})  # noqa: E731
-    with running_server(tmp_path, patched=patched, plugins=["pdk_calls"], env=TTL_ENV) as srv:
+    with running_server(
+        tmp_path, patched=True, plugins=["pdk_calls"], env=TTL_ENV, mode=mode
+    ) as srv:
         srv.run("pdk_calls")
         threads = []
         for _ in range(2):
             kinds = srv.repeat(n, "pdk_calls", pdk)
             assert kinds == {how if how == "lua_error" else "abandoned": n}
-            if patched:
-                assert wait_until(lambda: _idle(srv), 3.0), srv.shim_stats()
-            else:
-                wait_until(lambda: False, 1.5)  # as long as the reaper would take
+            assert wait_until(lambda: _idle(srv), 3.0), srv.shim_stats()
             threads.append(srv.server.threads())
-        if patched:
-            assert srv.shim_stats()["ended"]["abandoned"] == 2 * n
-            assert threads[1] - threads[0] < 10, threads
-        else:
-            assert threads[1] - threads[0] >= n, threads
+        assert srv.shim_stats()["ended"]["abandoned"] == 2 * n
+        assert threads[1] - threads[0] < 10, threads
+
+
+@pytest.mark.upstream
+def test_upstream_keeps_a_thread_per_event_kong_stopped_stepping(tmp_path):
+    n = 40
+    pdk = lambda: ScriptedPDK({"kong.request.get_header": STALL})  # noqa: E731
+    with running_server(tmp_path, patched=False, plugins=["pdk_calls"]) as srv:
+        srv.run("pdk_calls")
+        before = srv.sample()
+        srv.repeat(n, "pdk_calls", pdk)
+        wait_until(lambda: False, 1.5)  # as long as the reaper takes with the fix
+        after = srv.sample()
+    assert after.threads - before.threads >= 0.9 * n  # give or take the probe's own
+    assert after.objects - before.objects >= 0.9 * n
+
+
+@pytest.mark.upstream
+def test_upstream_keeps_a_greenlet_per_event_kong_stopped_stepping(tmp_path):
+    n = 40
+    pdk = lambda: ScriptedPDK({"kong.request.get_header": STALL})  # noqa: E731
+    with running_server(tmp_path, patched=False, plugins=["pdk_calls"], mode="gevent") as srv:
+        srv.run("pdk_calls")
+        before = srv.sample()
+        srv.repeat(n, "pdk_calls", pdk)
+        wait_until(lambda: False, 1.5)
+        after = srv.sample()
+    assert after.counts["greenlet"] - before.counts["greenlet"] >= 0.9 * n
+
+
+@pytest.mark.upstream
+def test_upstream_pins_a_pool_process_per_event_kong_stopped_stepping(tmp_path):
+    pdk = lambda: ScriptedPDK({"kong.request.get_header": STALL})  # noqa: E731
+    with running_server(
+        tmp_path, patched=False, plugins=["pdk_calls", "noop"], mode="process", read_timeout=3.0
+    ) as srv:
+        pool = len(srv.server.children())
+        srv.repeat(pool, "pdk_calls", pdk)
+        wait_until(lambda: False, 1.5)
+        assert srv.run("noop").kind == "timeout"
 
 
 def _idle(srv) -> bool:
@@ -109,9 +150,10 @@ def test_a_connection_that_dies_mid_event_leaves_nothing(tmp_path):
     with running_server(tmp_path, patched=True, plugins=["pdk_calls"], env=TTL_ENV) as srv:
         iid = srv.kong.start_instance("pdk_calls")
         reply = srv.kong.call("plugin.HandleEvent", {"InstanceId": iid, "EventName": "access"})
-        raw = msgpack.packb([0, 99, "plugin.Step", [{"EventId": reply["EventId"],
-                                                     "Data": b"\xff\xfe"}]],
-                            use_bin_type=False)
+        raw = msgpack.packb(
+            [0, 99, "plugin.Step", [{"EventId": reply["EventId"], "Data": b"\xff\xfe"}]],
+            use_bin_type=False,
+        )
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.connect(srv.server.socket_path)
             conn.sendall(raw)
@@ -124,10 +166,19 @@ def test_a_connection_that_dies_mid_event_leaves_nothing(tmp_path):
 # -- a PDK call after kong.response.exit --------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("lua_style", [True, False], ids=["lua-style", "python-style"])
-def test_a_pdk_call_after_exit_fails_fast(tmp_path, lua_style):
-    with running_server(tmp_path, patched=True, plugins=["report_after_exit"],
-                        lua_style=lua_style, read_timeout=5.0) as srv:
+def test_a_pdk_call_after_exit_fails_fast(tmp_path, lua_style, mode):
+    env = {"KONG_PDK_FIX_MAX_WORKERS": "1"}  # both events in one worker (one pool process)
+    with running_server(
+        tmp_path,
+        patched=True,
+        plugins=["report_after_exit"],
+        env=env,
+        lua_style=lua_style,
+        read_timeout=5.0,
+        mode=mode,
+    ) as srv:
         first = srv.run("report_after_exit")
         second = srv.run("report_after_exit")
     assert first.kind == "exit" and second.kind == "exit"
@@ -154,9 +205,10 @@ def test_upstream_blocks_a_pdk_call_after_exit_for_ever(tmp_path):
 # -- a handler that never returns ------------------------------------------------------------
 
 
-def test_a_handler_past_handler_timeout_gets_an_error_reply(tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_a_handler_past_handler_timeout_gets_an_error_reply(tmp_path, mode):
     env = {"KONG_PDK_FIX_HANDLER_TIMEOUT": "0.3"}
-    with running_server(tmp_path, patched=True, plugins=["slow"], env=env) as srv:
+    with running_server(tmp_path, patched=True, plugins=["slow"], env=env, mode=mode) as srv:
         outcome = srv.kong.run_event("slow", "access", ScriptedPDK(), {"sleep": 1.5})
         assert outcome.kind == "rpc_error" and "handler_timeout" in outcome.error
         assert srv.shim_stats()["workers"]["stuck"] == 1
@@ -164,7 +216,9 @@ def test_a_handler_past_handler_timeout_gets_an_error_reply(tmp_path):
         assert _idle(srv)
         assert srv.shim_stats()["ended"]["timeout"] == 1
     log = srv.server.output()
-    assert "still running after" in log and "slow.py" in log  # the stuck worker's stack
+    assert "still running after" in log
+    # the stuck worker's stack (in -m the handler's own frames are in the pool process)
+    assert ("slow.py" if mode != "process" else "run_handler") in log
 
 
 # -- more events than workers ------------------------------------------------------------------
@@ -174,8 +228,7 @@ def test_overload_is_a_clear_error_not_a_new_thread(tmp_path):
     env = {"KONG_PDK_FIX_MAX_WORKERS": "2", "KONG_PDK_FIX_OVERLOAD_TIMEOUT": "0.2"}
     with running_server(tmp_path, patched=True, plugins=["slow"], env=env) as srv:
         threads = srv.server.threads()
-        result = drive(srv.kong, [("slow", "access", None, {"sleep": 1.0})], count=6,
-                       concurrency=6)
+        result = drive(srv.kong, [("slow", "access", None, {"sleep": 1.0})], count=6, concurrency=6)
         assert result.by_kind["ret"] >= 2
         assert result.by_kind["rpc_error"] >= 2
         assert all("overloaded" in text for text in result.errors)
@@ -184,14 +237,36 @@ def test_overload_is_a_clear_error_not_a_new_thread(tmp_path):
         assert srv.server.threads() - threads <= 2 + 1 + 6
 
 
+@pytest.mark.parametrize("mode", ["thread", "gevent"])  # -m: the peak is per pool process
 @pytest.mark.parametrize("patched", [False, True], ids=["upstream", "patched"])
-def test_concurrent_events_are_not_serialised(tmp_path, patched):
+def test_concurrent_events_are_not_serialised(tmp_path, patched, mode):
     """Upstream holds a server-wide lock until a handler's first PDK call; with the fix,
     handlers that block before it run side by side (counted by the handlers, not a clock)."""
-    with running_server(tmp_path, patched=patched, plugins=["concurrency_peak"]) as srv:
-        result = drive(srv.kong, [("concurrency_peak", "access", None, {"sleep": 0.3})], count=8,
-                       concurrency=4)
+    with running_server(tmp_path, patched=patched, plugins=["concurrency_peak"], mode=mode) as srv:
+        result = drive(
+            srv.kong, [("concurrency_peak", "access", None, {"sleep": 0.3})], count=8, concurrency=4
+        )
         assert result.by_kind == {"ret": 8}, result.errors
         outcome = srv.kong.run_event("concurrency_peak", "access", ScriptedPDK(), {"sleep": 0.0})
     peak = int(outcome.calls[-1][1][0].split()[1])
     assert (peak > 1) if patched else (peak == 1), peak
+
+
+# -- a pool process dies (-m) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["upstream", "patched"])
+def test_a_pool_process_that_dies_is_replaced_and_its_event_answered(tmp_path, patched):
+    with running_server(
+        tmp_path, patched=patched, plugins=["dies", "noop"], mode="process", read_timeout=3.0
+    ) as srv:
+        pool = len(srv.server.children())
+        outcome = srv.run("dies")
+        if not patched:
+            assert outcome.kind == "timeout"
+            assert srv.run("noop").kind == "timeout"  # e_lock is held for good
+            return
+        assert outcome.kind == "rpc_error" and "pool process" in outcome.error
+        assert srv.run("noop").kind == "ret"
+        assert wait_until(lambda: len(srv.server.children()) == pool, 5.0)
+        assert _idle(srv)

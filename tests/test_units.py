@@ -43,8 +43,16 @@ def test_a_bad_variable_is_ignored_with_a_warning(monkeypatch, caplog):
     assert "KONG_PDK_FIX_EVENT_TTL" in caplog.text and "KONG_PDK_FIX_ON_ERROR" in caplog.text
 
 
-@pytest.mark.parametrize("bad", [{"event_ttl": 0}, {"max_workers": 0}, {"on_error": "maybe"},
-                                 {"handler_timeout": "soon"}, {"colour": "blue"}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"event_ttl": 0},
+        {"max_workers": 0},
+        {"on_error": "maybe"},
+        {"handler_timeout": "soon"},
+        {"colour": "blue"},
+    ],
+)
 def test_configure_refuses_bad_values(bad):
     with pytest.raises((TypeError, ValueError)):
         config.configure(**bad)
@@ -60,9 +68,18 @@ def test_the_kill_switch_is_off_by_default():
     assert not config.disabled({}) and not config.disabled({"KONG_PDK_FIX_DISABLE": "0"})
 
 
-@pytest.mark.parametrize("version,ok", [("0.32", False), ("0.33", True), ("0.36", True),
-                                        ("0.36.post1", True), ("0.37", False), ("1.0", False),
-                                        (None, False)])
+@pytest.mark.parametrize(
+    "version,ok",
+    [
+        ("0.32", False),
+        ("0.33", True),
+        ("0.36", True),
+        ("0.36.post1", True),
+        ("0.37", False),
+        ("1.0", False),
+        (None, False),
+    ],
+)
 def test_supported_versions(version, ok):
     assert (compat.version_problem(version) is None) == ok
 
@@ -74,7 +91,8 @@ def test_the_installed_kong_pdk_has_the_expected_shape():
 
 
 def test_the_wrapper_splits_its_flags_from_upstreams():
-    settings, rest = cli.split_args(["-d", "/plugins", "--event-ttl", "3", "-g",
-                                     "--on-error=fail-closed", "--dump-all-plugins"])
+    settings, rest = cli.split_args(
+        ["-d", "/plugins", "--event-ttl", "3", "-g", "--on-error=fail-closed", "--dump-all-plugins"]
+    )
     assert settings == {"event_ttl": 3.0, "on_error": "fail-closed"}
     assert rest == ["-d", "/plugins", "-g", "--dump-all-plugins"]

@@ -77,7 +77,8 @@ class Connection:
             self.unpacker.feed(data)
 
     def quiet(self) -> bool:
-        """True if nothing arrived while idle: nginx closes idle connections that get data or EOF."""
+        """True if nothing arrived while idle (nginx closes an idle connection that gets data
+        or EOF)."""
         timeout = self.sock.gettimeout()
         try:
             self.sock.setblocking(False)

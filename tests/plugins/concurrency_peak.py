@@ -8,6 +8,19 @@ LOCK = threading.Lock()
 ACTIVE = {"now": 0, "peak": 0}
 
 
+def sleep(seconds):
+    # In gevent mode the handler is a greenlet: time.sleep would block the whole server.
+    try:
+        import gevent
+    except ImportError:
+        time.sleep(seconds)
+        return
+    if isinstance(gevent.getcurrent(), gevent.Greenlet):
+        gevent.sleep(seconds)
+    else:
+        time.sleep(seconds)
+
+
 class Plugin:
     def __init__(self, config):
         self.sleep = config.get("sleep", 0.3)
@@ -16,7 +29,7 @@ class Plugin:
         with LOCK:
             ACTIVE["now"] += 1
             ACTIVE["peak"] = max(ACTIVE["peak"], ACTIVE["now"])
-        time.sleep(self.sleep)
+        sleep(self.sleep)
         with LOCK:
             ACTIVE["now"] -= 1
             peak = ACTIVE["peak"]
