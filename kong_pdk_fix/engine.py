@@ -321,7 +321,10 @@ class Reaper:
             if engine is None:
                 return
             ttl = config.current().event_ttl
-            self.reap(engine)
+            try:
+                self.reap(engine)
+            except Exception:  # the reaper must outlive any one failure: handlers wait on it
+                log.exception("kong-pdk-fix: reaping failed; trying again")
             sleep = engine.backend.sleep
             del engine  # hold no reference while sleeping
             sleep(max(0.05, min(1.0, ttl / 4)))
