@@ -9,8 +9,10 @@ Ending (Engine._end) removes the event from the table, exactly once. Locks guard
 allocation and state changes only; nothing waits for plugin code or Kong while holding one.
 
 Who hands a worker back to the pool: the engine, when it reads the worker's final message
-("ret" or a raise); the worker itself, when its event ended while its handler still ran (a
-terminal call, handler_timeout, or the reaper), as soon as the handler returns.
+("ret" or a raise); after a terminal call, whichever comes last of the engine reading that call
+and the handler returning (a worker back in the pool must have an empty outbox); the worker
+itself, when the engine ended its event while the handler still ran (handler_timeout, the
+reaper), as soon as the handler returns.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Event:
         "deadline",
         "cause",
         "terminal_sent",
+        "returned",
         "__weakref__",
     )
 
@@ -78,6 +81,7 @@ class Event:
         self.deadline = 0.0  # when WAITING_KONG: the reaper ends it after this
         self.cause: Optional[str] = None  # set once, when the event ends
         self.terminal_sent: Optional[str] = None  # kong.response.exit/error, once called
+        self.returned = False  # the handler has returned
 
     @property
     def ended(self) -> bool:
@@ -205,8 +209,13 @@ class Engine:
         if kind == CALL:
             method = payload.get("Method")
             if method in TERMINAL_METHODS:
-                # Kong runs it and sends no Step: the worker carries on and returns itself.
-                self._end(ev, EXIT if method == "kong.response.exit" else ERROR)
+                # Kong runs it and sends no Step. The worker finishes the handler; whichever
+                # of the two comes last (this read, the handler's return) frees the worker.
+                with self.lock:
+                    self._end_locked(ev, EXIT if method == "kong.response.exit" else ERROR)
+                    release = ev.returned
+                if release:
+                    self.pool.release(worker)
             else:
                 with self.lock:
                     ev.state = WAITING_KONG
@@ -267,8 +276,11 @@ class Engine:
             channel.begin(None)
 
         with self.lock:
-            hand_back_myself = ev.ended or ev.terminal_sent
-            if not hand_back_myself:
+            ev.returned = True
+            # After a terminal call, the engine may not have read it from the outbox yet:
+            # if so, it frees the worker when it does (a new event must find the outbox empty).
+            hand_back_myself = ev.ended
+            if not hand_back_myself and not ev.terminal_sent:
                 worker.outbox.put(message)
             self.stuck.pop(worker, None)
         if hand_back_myself:

@@ -146,3 +146,26 @@ def test_original_report_upstream(tmp_path):
         assert after.objects - before.objects >= N, why
     else:
         assert after.objects - before.objects < 100, why
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_concurrent_exits_never_cross_replies(tmp_path, mode):
+    """After kong.response.exit the handler may return before the engine has read the exit
+    from the worker's outbox; the worker must not serve another event until it has."""
+    n = 1000
+    with running_server(
+        tmp_path,
+        patched=True,
+        plugins=["exit_first", "finally_after_exit"],
+        env=PATCHED_ENV,
+        mode=mode,
+        read_timeout=10.0,
+    ) as srv:
+        scenarios = [
+            ("exit_first", "access", None, None),
+            ("finally_after_exit", "access", None, None),
+        ]
+        result = drive(srv.kong, scenarios, count=n, concurrency=8)
+        assert result.by_kind == {"exit": n}, result.errors
+        assert srv.live_events() == 0
+        assert srv.shim_stats()["workers"]["busy"] == 0
