@@ -36,7 +36,7 @@ class Mailbox:
 
     __slots__ = ("_q", "_empty")
 
-    def __init__(self, q: Any, empty: type) -> None:
+    def __init__(self, q: Any, empty: "type[Exception]") -> None:
         self._q = q
         self._empty = empty
 
@@ -139,7 +139,10 @@ class ThreadBackend:
 
     lock = staticmethod(threading.Lock)
     clock = staticmethod(time.monotonic)
-    sleep = staticmethod(time.sleep)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(seconds)
 
     @staticmethod
     def semaphore(n: int) -> Any:

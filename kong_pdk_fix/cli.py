@@ -3,6 +3,8 @@
 `kong-python-pluginserver-fixed`: a drop-in for upstream's `kong-python-pluginserver` (every
 upstream flag, including `--dump-all-plugins` for Kong's query command) plus the shim's own
 settings as flags, which unlike environment variables survive nginx clearing the environment.
+
+`kong-pdk-fix`: the diagnostics, `check` (is the fix active here, does it hold) and `soak`.
 """
 
 from __future__ import annotations
@@ -17,11 +19,17 @@ from .patch import install
 # The shim's own flags; everything else on the command line is upstream's.
 _FLAGS = (
     ("--event-ttl", "event_ttl", "seconds an event may wait for Kong's Step before it is reaped"),
-    ("--handler-timeout", "handler_timeout",
-     "seconds a handler may run before the waiting Kong call gets an error reply"),
+    (
+        "--handler-timeout",
+        "handler_timeout",
+        "seconds a handler may run before the waiting Kong call gets an error reply",
+    ),
     ("--max-workers", "max_workers", "most handlers running at once"),
-    ("--overload-timeout", "overload_timeout",
-     "seconds a HandleEvent waits for a free worker before answering 'overloaded'"),
+    (
+        "--overload-timeout",
+        "overload_timeout",
+        "seconds a HandleEvent waits for a free worker before answering 'overloaded'",
+    ),
     ("--on-error", "on_error", "what Kong is told when a handler raises: fail-open or fail-closed"),
     ("--fix-log-level", "log_level", "kong-pdk-fix's own log level"),
 )
@@ -60,3 +68,28 @@ def pluginserver_main(argv: Optional[List[str]] = None) -> None:
 
     sys.argv = [sys.argv[0]] + rest  # upstream's argparse reads sys.argv
     start_server()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`kong-pdk-fix check` and `kong-pdk-fix soak`."""
+    from . import __version__, check, soak
+
+    parser = argparse.ArgumentParser(
+        prog="kong-pdk-fix",
+        description="Diagnostics for kong-pdk-fix, run against the installed "
+        "kong-python-pluginserver through an emulated Kong.",
+    )
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    for name, module in (("check", check), ("soak", soak)):
+        sub = commands.add_parser(
+            name,
+            help=module.HELP,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.run)
+    options = parser.parse_args(argv)
+    return int(options.func(options))
