@@ -242,12 +242,17 @@ def test_overload_is_a_clear_error_not_a_new_thread(tmp_path):
 def test_concurrent_events_are_not_serialised(tmp_path, patched, mode):
     """Upstream holds a server-wide lock until a handler's first PDK call; with the fix,
     handlers that block before it run side by side (counted by the handlers, not a clock)."""
-    with running_server(tmp_path, patched=patched, plugins=["concurrency_peak"], mode=mode) as srv:
+    with running_server(tmp_path, patched=patched, plugins=["slow"], mode=mode) as srv:
         result = drive(
-            srv.kong, [("concurrency_peak", "access", None, {"sleep": 0.3})], count=8, concurrency=4
+            srv.kong,
+            [("slow", "access", None, {"sleep": 0.3, "report_peak": True})],
+            count=8,
+            concurrency=4,
         )
         assert result.by_kind == {"ret": 8}, result.errors
-        outcome = srv.kong.run_event("concurrency_peak", "access", ScriptedPDK(), {"sleep": 0.0})
+        outcome = srv.kong.run_event(
+            "slow", "access", ScriptedPDK(), {"sleep": 0.0, "report_peak": True}
+        )
     peak = int(outcome.calls[-1][1][0].split()[1])
     assert (peak > 1) if patched else (peak == 1), peak
 
