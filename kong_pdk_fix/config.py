@@ -104,7 +104,8 @@ _current: Optional[Settings] = None  # what current() answers; rebuilt after con
 def configure(**settings: Any) -> Settings:
     """Set settings from code; they win over flags and the environment. Returns the result.
 
-    Engines read current() on every event, so a change applies from the next event on."""
+    Engines read current() on every event, so a change applies from the next event on;
+    max_workers only sizes a server's worker pool when its first event arrives."""
     global _current
     values = coerce(settings)
     with _lock:
