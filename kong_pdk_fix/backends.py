@@ -105,11 +105,9 @@ class WorkerPool:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-            index = len(self._all)
-        worker = Worker(index, self._run_job, self._backend)
-        with self._lock:
+            worker = Worker(len(self._all), self._run_job, self._backend)
             self._all.append(worker)
-        return worker
+            return worker
 
     def release(self, worker: Worker) -> None:
         with self._lock:

@@ -131,6 +131,7 @@ def _copy_source(destination: Path) -> Path:
         "__pycache__",
         ".*_cache",
         ".hypothesis",
+        ".bench-venvs",
     )
     shutil.copytree(ROOT, destination, ignore=ignore)
     return destination
