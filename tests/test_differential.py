@@ -4,7 +4,7 @@ unpatched servers wherever upstream does not hang."""
 from __future__ import annotations
 
 import pytest
-from servers import running_server
+from servers import MODES, running_server
 
 from kong_pdk_fix.kongsim import LuaError, ScriptedPDK
 
@@ -22,8 +22,8 @@ FLOWS = [
 ]
 
 
-def _replies(tmp_path, patched: bool):
-    with running_server(tmp_path, patched=patched, read_timeout=5.0) as srv:
+def _replies(tmp_path, patched: bool, mode: str):
+    with running_server(tmp_path, patched=patched, read_timeout=5.0, mode=mode) as srv:
         outcomes = []
         for plugin, phase, answers in FLOWS:
             outcome = srv.run(plugin, ScriptedPDK(answers), phase)
@@ -45,8 +45,9 @@ def _error_of(srv, method, arg):
 
 
 @pytest.mark.upstream
-def test_patched_and_upstream_give_the_same_replies(tmp_path):
-    assert _replies(tmp_path, patched=True) == _replies(tmp_path, patched=False)
+@pytest.mark.parametrize("mode", MODES)
+def test_patched_and_upstream_give_the_same_replies(tmp_path, mode):
+    assert _replies(tmp_path, True, mode) == _replies(tmp_path, False, mode)
 
 
 @pytest.mark.upstream
