@@ -51,7 +51,11 @@ def test_a_raising_handler_is_answered_and_the_server_keeps_serving(tmp_path, mo
 @pytest.mark.parametrize("patched", [False, True], ids=["upstream", "patched"])
 def test_a_handler_raising_after_a_pdk_call(tmp_path, patched, mode):
     with running_server(
-        tmp_path, patched=patched, plugins=["raises_later"], mode=mode, read_timeout=2.0
+        tmp_path,
+        patched=patched,
+        plugins=["raises_later"],
+        mode=mode,
+        read_timeout=10.0 if patched else 2.0,  # upstream must time out; patched answers
     ) as srv:
         outcome = srv.run("raises_later")
         if not patched:
@@ -263,7 +267,11 @@ def test_concurrent_events_are_not_serialised(tmp_path, patched, mode):
 @pytest.mark.parametrize("patched", [False, True], ids=["upstream", "patched"])
 def test_a_pool_process_that_dies_is_replaced_and_its_event_answered(tmp_path, patched):
     with running_server(
-        tmp_path, patched=patched, plugins=["dies", "noop"], mode="process", read_timeout=3.0
+        tmp_path,
+        patched=patched,
+        plugins=["dies", "noop"],
+        mode="process",
+        read_timeout=10.0 if patched else 3.0,  # upstream must time out; patched answers
     ) as srv:
         pool = len(srv.server.children())
         outcome = srv.run("dies")

@@ -67,11 +67,12 @@ def own_channel():
     """The channel of the probe's own event on an upstream server: kong-pdk runs every handler
     as _handler_event_func(cls_phase, ch, lua_style). None on a patched server."""
     frame = sys._getframe()
-    while frame is not None:
-        if frame.f_code.co_name == "_handler_event_func":
-            return frame.f_locals.get("ch")
-        frame = frame.f_back
-    return None
+    while frame.f_code.co_name != "_handler_event_func":
+        back = frame.f_back
+        if back is None:
+            return None
+        frame = back
+    return frame.f_locals.get("ch")
 
 
 def is_own(entry, own):
