@@ -15,7 +15,6 @@ A backend gives the engine `lock()`, `clock()`, `sleep()`, `spawn()` for its rea
 from __future__ import annotations
 
 import multiprocessing
-import os
 import queue
 import sys
 import threading
@@ -25,6 +24,8 @@ from typing import Any, Callable, List, Optional
 
 from .bridge import TERMINAL_METHODS
 
+# Worker -> engine messages, (kind, payload), in every mode; READY starts a -m link.
+CALL, FINISHED, FAILED, READY = "call", "finished", "failed", "ready"
 # What Mailbox.get answers when its timeout ran out.
 TIMED_OUT = object()
 # Put into a worker's inbox to end its loop (uninstall).
@@ -212,7 +213,6 @@ class GeventBackend(ThreadBackend):
 
 # -- multiprocessing (-m) ---------------------------------------------------------------------
 
-CALL, FINISHED, FAILED, READY = "call", "finished", "failed", "ready"
 LINK_TIMEOUT = 10
 
 
@@ -323,4 +323,4 @@ def for_server(server: Any) -> Any:
 
 def pool_size(backend: Any, max_workers: int) -> int:
     # In -m a worker is pinned to a pool process: never more workers than processes.
-    return min(max_workers, getattr(backend, "processes", max_workers) or os.cpu_count() or 1)
+    return min(max_workers, getattr(backend, "processes", max_workers))

@@ -26,7 +26,7 @@ from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import config
-from .backends import TIMED_OUT, HandlerRaised, Worker, pool_size
+from .backends import CALL, FAILED, FINISHED, TIMED_OUT, HandlerRaised, Worker, pool_size
 from .bridge import ABANDONED, TERMINAL_METHODS, PDKChannel
 
 log = logging.getLogger("kong_pdk_fix")
@@ -45,11 +45,6 @@ CAUSES = (RET, EXIT, ERROR, RAISED, TIMEOUT, ABANDONED_CAUSE)
 
 # Phases where Kong lets a plugin answer the request itself (on_error=fail-closed).
 FAIL_CLOSED_PHASES = frozenset(("rewrite", "access"))
-
-# Worker -> engine messages: (kind, payload).
-CALL = "call"
-FINISHED = "finished"
-FAILED = "failed"
 
 
 class PluginServerError(Exception):
