@@ -26,6 +26,11 @@ _FLAGS = (
     ),
     ("--max-workers", "max_workers", "most handlers running at once"),
     (
+        "--max-message-size",
+        "max_message_size",
+        "bytes; a larger message from Kong closes its connection",
+    ),
+    (
         "--overload-timeout",
         "overload_timeout",
         "seconds a HandleEvent waits for a free worker before answering 'overloaded'",

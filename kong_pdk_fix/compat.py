@@ -78,9 +78,15 @@ def shape_problem(server_module: Any) -> Optional[str]:
     cls = getattr(server_module, "PluginServer", None)
     if not inspect.isclass(cls):
         return "kong_pdk.server has no PluginServer class"
-    for name in ("handle_event", "get_status", ERROR_STEP_METHOD) + STEP_METHODS:
+    for name in ("handle_event", "get_status", "start_instance", ERROR_STEP_METHOD) + STEP_METHODS:
         if not callable(getattr(cls, name, None)):
             return "kong_pdk.server.PluginServer.%s is missing" % name
+    try:
+        from kong_pdk.listener import Server
+    except ImportError as ex:
+        return "kong_pdk.listener.Server cannot be imported: %s" % ex
+    if list(inspect.signature(Server.handle).parameters)[:3] != ["self", "fd", "address"]:
+        return "kong_pdk.listener.Server.handle(self, fd, address, ...) has another signature"
     if getattr(server_module, "MSG_RET", None) != "ret":
         return "kong_pdk.server.MSG_RET is not 'ret'"
     try:

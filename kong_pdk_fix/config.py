@@ -32,6 +32,9 @@ class Settings:
     overload_timeout: float = 5.0
     on_error: str = "fail-open"
     log_level: str = "warning"
+    # A message larger than this closes its connection (Kong's are a few KiB; a request body
+    # read through the PDK can be larger).
+    max_message_size: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for name in ("event_ttl", "handler_timeout", "overload_timeout"):
@@ -39,6 +42,8 @@ class Settings:
                 raise ValueError("%s must be a positive number of seconds" % name)
         if self.max_workers < 1:
             raise ValueError("max_workers must be at least 1")
+        if self.max_message_size < 1024:
+            raise ValueError("max_message_size must be at least 1024 bytes")
         if self.on_error not in ON_ERROR_CHOICES:
             raise ValueError("on_error must be one of %s" % ", ".join(ON_ERROR_CHOICES))
         if self.log_level not in LOG_LEVELS:
@@ -51,6 +56,7 @@ _CONVERTERS = {
     "handler_timeout": float,
     "overload_timeout": float,
     "max_workers": int,
+    "max_message_size": int,
     "on_error": str,
     "log_level": str,
 }

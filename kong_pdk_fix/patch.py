@@ -1,5 +1,7 @@
 """install() and uninstall(): thin wrapt wrappers on kong_pdk.server.PluginServer that hand
-HandleEvent, Step* and GetStatus to the engine. Upstream files are never edited.
+HandleEvent, Step* and GetStatus to the engine, on StartInstance to number instances apart
+from earlier server processes, and on kong_pdk.listener.Server.handle that hand each Kong
+connection to our listener. Upstream files are never edited.
 
 install() is idempotent, thread-safe, all-or-nothing and reversible; it refuses an unsupported
 kong-pdk with one log line and leaves upstream as it was.
@@ -10,7 +12,8 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from typing import Any, Callable, Dict
+import time
+from typing import Any, Callable, Dict, Tuple
 
 import wrapt
 
@@ -20,9 +23,11 @@ log = logging.getLogger("kong_pdk_fix")
 
 SENTINEL = "_kong_pdk_fix_installed"  # set on PluginServer while patched
 ENGINE_ATTRIBUTE = "_kong_pdk_fix_engine"  # set on each PluginServer instance, lazily
+FIRST_ID_ATTRIBUTE = "_kong_pdk_fix_first_instance_id"  # likewise, at its first StartInstance
 
 _lock = threading.RLock()
-_originals: Dict[str, Any] = {}  # attribute name -> upstream's function, while installed
+# (class, attribute name) -> upstream's function, while installed.
+_originals: Dict[Tuple[type, str], Any] = {}
 
 
 def _engine_for(server: Any) -> Any:
@@ -62,14 +67,35 @@ def _get_status(wrapped: Callable, server: Any, args: tuple, kwargs: dict) -> An
     return status
 
 
-def _wrappers() -> Dict[str, Callable]:
-    wrappers: Dict[str, Callable] = {
-        "handle_event": _handle_event,
-        "get_status": _get_status,
-        compat.ERROR_STEP_METHOD: _step_error,
+def _start_instance(wrapped: Callable, server: Any, args: tuple, kwargs: dict) -> Any:
+    # Upstream numbers instances from 0 in every process, so after a restart an id a Kong
+    # worker cached can name another plugin's instance. Starting from this process's start
+    # time in microseconds keeps ids apart across restarts (and exact in Lua's doubles).
+    first = server.__dict__.setdefault(FIRST_ID_ATTRIBUTE, time.time_ns() // 1000)
+    if server.instance_id < first:
+        server.instance_id = first  # max(): concurrent first calls agree
+    return wrapped(*args, **kwargs)
+
+
+def _handle_connection(wrapped: Callable, listener: Any, args: tuple, kwargs: dict) -> Any:
+    from .listener import serve
+
+    serve(listener.ps, args[0] if args else kwargs["fd"])
+
+
+def _wrappers(server_module: Any) -> Dict[Tuple[type, str], Callable]:
+    import kong_pdk.listener
+
+    cls = server_module.PluginServer
+    wrappers: Dict[Tuple[type, str], Callable] = {
+        (cls, "handle_event"): _handle_event,
+        (cls, "get_status"): _get_status,
+        (cls, "start_instance"): _start_instance,
+        (cls, compat.ERROR_STEP_METHOD): _step_error,
+        (kong_pdk.listener.Server, "handle"): _handle_connection,
     }
     for name in compat.STEP_METHODS:
-        wrappers[name] = _step
+        wrappers[(cls, name)] = _step
     return wrappers
 
 
@@ -95,16 +121,16 @@ def install() -> bool:
             log.warning("kong-pdk-fix: not installed, kong-pdk left unpatched: %s", problem)
             return False
 
-        applied: Dict[str, Any] = {}
+        applied: Dict[Tuple[type, str], Any] = {}
         try:
-            for name, wrapper in _wrappers().items():
-                original = cls.__dict__[name]
-                setattr(cls, name, wrapt.FunctionWrapper(original, wrapper))
-                applied[name] = original
+            for (owner, name), wrapper in _wrappers(server_module).items():
+                original = owner.__dict__[name]
+                setattr(owner, name, wrapt.FunctionWrapper(original, wrapper))
+                applied[(owner, name)] = original
             setattr(cls, SENTINEL, True)
         except Exception as ex:
-            for name, original in applied.items():
-                setattr(cls, name, original)
+            for (owner, name), original in applied.items():
+                setattr(owner, name, original)
             log.warning("kong-pdk-fix: not installed, kong-pdk left unpatched: %r", ex)
             return False
         _originals.update(applied)
@@ -120,8 +146,8 @@ def uninstall() -> bool:
         if server_module is None or not server_module.PluginServer.__dict__.get(SENTINEL):
             return False
         cls = server_module.PluginServer
-        for name, original in _originals.items():
-            setattr(cls, name, original)
+        for (owner, name), original in _originals.items():
+            setattr(owner, name, original)
         _originals.clear()
         delattr(cls, SENTINEL)
 
