@@ -15,7 +15,9 @@ A backend gives the engine `lock()`, `clock()`, `sleep()`, `spawn()` for its rea
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
+import select
 import sys
 import threading
 import time
@@ -24,7 +26,7 @@ from typing import Any, Callable, List, Optional
 
 from .bridge import TERMINAL_METHODS
 
-# Worker -> engine messages, (kind, payload), in every mode; READY starts a -m link.
+# Pool process -> worker messages over a -m link, (kind, payload); READY starts a link.
 CALL, FINISHED, FAILED, READY = "call", "finished", "failed", "ready"
 # What Mailbox.get answers when its timeout ran out.
 TIMED_OUT = object()
@@ -59,24 +61,56 @@ class Mailbox:
 
 class Worker:
     """One reused thread or greenlet. `inbox` brings it a job, then Kong's answers to its PDK
-    calls; `outbox` carries its PDK calls and its final message back to the engine."""
+    calls when they arrive on another connection than the one it reads; `wake()` interrupts
+    that read (wait_readable) when something is put in the inbox."""
 
     def __init__(self, index: int, run_job: Callable[["Worker", Any], None], backend: Any) -> None:
         self.index = index
         self.backend = backend
         self.inbox = backend.mailbox()
-        self.outbox = backend.mailbox()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._poller = backend.poller()
+        self._poller.register(self._wake_r, select.POLLIN)
         self.state: Any = None  # the engine's per-worker data (its PDK channel)
         self.link: Any = None  # the process backend's pipe to its pool process
         self._run_job = run_job
         self._handle = backend.spawn(self._loop, "kong-pdk-fix-worker-%d" % index)
 
     def _loop(self) -> None:
-        while True:
-            job = self.inbox.get()
-            if job is STOP:
-                return
-            self._run_job(self, job)
+        try:
+            while True:
+                job = self.inbox.get()
+                if job is STOP:
+                    return
+                self._run_job(self, job)
+        finally:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except BlockingIOError:  # already more wake-ups pending than it will ever read
+            pass
+
+    def wait_readable(self, sock: Any) -> bool:
+        """Wait until `sock` can be read (True) or wake() was called (False). A wake-up may
+        be stale (its inbox item already taken): callers look in the inbox and wait again."""
+        fd = sock.fileno()
+        self._poller.register(fd, select.POLLIN)
+        try:
+            ready = dict(self._poller.poll())
+        finally:
+            self._poller.unregister(fd)
+        if fd in ready:
+            return True
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
+            pass
+        return False
 
     def stack(self) -> str:
         """Where the worker's handler is now, for the stuck-worker report."""
@@ -152,6 +186,8 @@ class ThreadBackend:
         # SimpleQueue is C code with no Condition or deque of its own.
         return Mailbox(queue.SimpleQueue(), queue.Empty)
 
+    poller = staticmethod(select.poll)
+
     @staticmethod
     def spawn(fn: Callable[[], None], name: str) -> Any:
         thread = threading.Thread(target=fn, name=name, daemon=True)
@@ -196,6 +232,12 @@ class GeventBackend(ThreadBackend):
         from gevent.queue import Empty, Queue
 
         return Mailbox(Queue(), Empty)  # buffered: a put never waits for its getter
+
+    @staticmethod
+    def poller() -> Any:
+        from gevent.select import poll
+
+        return poll()
 
     @staticmethod
     def spawn(fn: Callable[[], None], name: str) -> Any:

@@ -45,7 +45,7 @@ class PDKChannel:
         assert event is not None, "PDK call outside an event"
         method = call.get("Method") if isinstance(call, dict) else None
         terminal = method in TERMINAL_METHODS
-        if self._engine.post_call(event, self._worker, call, method if terminal else None):
+        if self._engine.post_call(event, call, method if terminal else None):
             self._refusal = None
         elif not terminal:
             # The event ended; upstream's rpc_of calls get() next and returns our answer.
@@ -55,9 +55,9 @@ class PDKChannel:
         if self._refusal is not None:
             why, self._refusal = self._refusal, None
             return None, why
-        answer = self._worker.inbox.get()
+        event = self.event
+        assert event is not None, "PDK call outside an event"
+        answer = self._engine.wait_answer(event, self._worker)
         if answer is ABANDONED:
-            event = self.event
-            assert event is not None
             return None, "no answer from Kong: %s" % event.why_ended()
         return answer  # (data, err) from Step or StepError

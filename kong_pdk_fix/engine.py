@@ -1,18 +1,21 @@
 """The event table and the event lifecycle: where an event starts, waits, ends and is reaped.
 
     HandleEvent ─▶ RUNNING        an idle worker takes the handler (Engine.handle_event)
-    RUNNING ─PDK call─▶ WAITING_KONG   the call goes back to Kong as Data (Engine._reply)
-    WAITING_KONG ─Step─▶ RUNNING   Step's Data goes to the waiting worker (Engine.step)
+    RUNNING ─PDK call─▶ WAITING_KONG   the worker sends the call to Kong as Data (post_call)
+    WAITING_KONG ─Step─▶ RUNNING   Kong's answer reaches the waiting worker (wait_answer)
     ended: "ret", a terminal call, a raise, handler_timeout, or event_ttl (Reaper)
 
-Ending (Engine._end) removes the event from the table, exactly once. Locks guard id
-allocation and state changes only; nothing waits for plugin code or Kong while holding one.
+Kong's connection is handed to the event's worker: the listener thread that read HandleEvent
+or a Step lends its connection to the worker and waits (Engine.wait_for_return); the worker
+writes the reply itself and, while its handler waits for Kong, reads that connection itself,
+so a Step arriving where the last reply went reaches the handler with no thread hand-off.
+The worker gives the connection back when its event ends, when something else than its Step
+arrives there (the listener serves that message), or when its Step came on another connection
+(KONG_PROTOCOL.md: consecutive calls of one event may arrive on different connections).
 
-Who hands a worker back to the pool: the engine, when it reads the worker's final message
-("ret" or a raise); after a terminal call, whichever comes last of the engine reading that call
-and the handler returning (a worker back in the pool must have an empty outbox); the worker
-itself, when the engine ended its event while the handler still ran (handler_timeout, the
-reaper), as soon as the handler returns.
+Ending (Engine._end_locked) removes the event from the table, exactly once, under the lock;
+whoever ends it writes its last reply, so Kong never gets two. Locks guard ids, state changes
+and who holds a connection; nothing waits for plugin code or Kong while holding one.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ import threading
 import traceback
 import weakref
 from collections import Counter
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from . import config
-from .backends import CALL, FAILED, FINISHED, TIMED_OUT, HandlerRaised, Worker, pool_size
-from .bridge import ABANDONED, TERMINAL_METHODS, PDKChannel
+from .backends import TIMED_OUT, HandlerRaised, Worker, pool_size
+from .bridge import ABANDONED, PDKChannel
+from .listener import EOF, STEP_NAMES, BadRequest, BadStream, KongConnection, check_request
 
 log = logging.getLogger("kong_pdk_fix")
 
@@ -60,10 +64,11 @@ class Event:
         "phase",
         "worker",
         "state",
+        "conn",
+        "running_since",
         "deadline",
         "cause",
         "terminal_sent",
-        "returned",
         "__weakref__",
     )
 
@@ -73,10 +78,12 @@ class Event:
         self.phase = phase
         self.worker = worker
         self.state = RUNNING
+        # The connection whose request (HandleEvent or the last Step) the event owes a reply.
+        self.conn: Optional[KongConnection] = None
+        self.running_since = 0.0  # when RUNNING: handler_timeout counts from here
         self.deadline = 0.0  # when WAITING_KONG: the reaper ends it after this
         self.cause: Optional[str] = None  # set once, when the event ends
         self.terminal_sent: Optional[str] = None  # kong.response.exit/error, once called
-        self.returned = False  # the handler has returned
 
     @property
     def ended(self) -> bool:
@@ -125,7 +132,7 @@ class Engine:
         self.ended: Counter = Counter()
         self.overloaded = 0
         self.stuck: Dict[Worker, int] = {}  # worker -> event id it ran past handler_timeout
-        # The pool's size is fixed when the engine starts (the server's first event).
+        # The pool's size is fixed when the engine starts (the server's first connection).
         self.pool = backend.worker_pool(
             self._run_job, pool_size(backend, config.current().max_workers)
         )
@@ -133,9 +140,11 @@ class Engine:
         backend.spawn(self.reaper.run, "kong-pdk-fix-reaper")
         _engines.add(self)
 
-    # -- Kong's calls -------------------------------------------------------------------------
+    # -- Kong's calls, on the listener's side: lend the connection to the event's worker ------
 
-    def handle_event(self, event: Dict[str, Any]) -> Dict[str, Any]:
+    def handle_event(self, event: Dict[str, Any], conn: KongConnection) -> None:
+        """Start the event's handler on a worker, which answers on `conn`; raises for an
+        error reply written by the listener."""
         iid = event["InstanceId"]
         instance = self.server.instances.get(iid)
         if instance is None:
@@ -159,10 +168,11 @@ class Engine:
             ev = Event(next(self._ids), instance.name, phase, worker)
             self.events[ev.id] = ev
             self.started += 1
+            self._lend_locked(ev, conn)
         worker.inbox.put((ev, handler))
-        return self._reply(ev, settings)
 
-    def step(self, data: Dict[str, Any], is_error: bool = False) -> Dict[str, Any]:
+    def step(self, data: Dict[str, Any], conn: KongConnection, is_error: bool = False) -> None:
+        """Give Kong's answer to the waiting handler, whose worker answers on `conn`."""
         eid = data["EventId"]
         result = data.get("Data")  # absent when the PDK call returned nil
         with self.lock:
@@ -173,86 +183,127 @@ class Engine:
                 raise self.error_type(
                     "event id %s is not waiting for a Step (a Step for it is in progress)" % eid
                 )
-            ev.state = RUNNING
+            self._lend_locked(ev, conn)
         ev.worker.inbox.put((None, result) if is_error else (result, None))
-        return self._reply(ev, config.current())
+        ev.worker.wake()  # it may be reading the connection its last reply went to
 
-    # -- waiting for the handler's next message -----------------------------------------------
+    def _lend_locked(self, ev: Event, conn: KongConnection) -> None:
+        ev.state = RUNNING
+        ev.running_since = self.backend.clock()
+        ev.conn = conn
+        conn.holder = ev
 
-    def _reply(self, ev: Event, settings: config.Settings) -> Dict[str, Any]:
-        worker = ev.worker
-        message = worker.outbox.get(settings.handler_timeout)
-        if message is TIMED_OUT:
+    def wait_for_return(self, conn: KongConnection) -> Any:
+        """Wait, on the listener's side, until the worker gives `conn` back; answers what the
+        worker read there and left for the listener (see KongConnection.returned). Ends the
+        event with an error reply when its handler runs past handler_timeout."""
+        while True:
+            settings = config.current()
+            item = conn.returned.get(settings.handler_timeout)
+            if item is not TIMED_OUT:
+                return item
             with self.lock:
-                # The worker posts under this lock, so this look is final.
-                message = worker.outbox.get_nowait()
-                if message is TIMED_OUT:
+                ev = conn.holder
+                overdue = (
+                    ev is not None
+                    and ev.state == RUNNING
+                    and ev.conn is conn
+                    and self.backend.clock() - ev.running_since >= settings.handler_timeout
+                )
+                if overdue:
                     self._end_locked(ev, TIMEOUT)
-                    self.stuck[worker] = ev.id
-            if message is TIMED_OUT:
+                    conn.holder = ev.conn = None
+                    self.stuck[ev.worker] = ev.id
+            if overdue:
                 self.logger.error(
                     "kong-pdk-fix: %s %s handler still running after %.1f s; event %d ended "
                     "with an error reply; its worker is stuck until the handler returns:\n%s"
-                    % (ev.plugin, ev.phase, settings.handler_timeout, ev.id, worker.stack())
+                    % (ev.plugin, ev.phase, settings.handler_timeout, ev.id, ev.worker.stack())
                 )
-                raise self.error_type(
+                conn.reply(
+                    conn.owed,
                     "kong-pdk-fix: plugin %s %s handler ran past handler_timeout (%.1f s)"
-                    % (ev.plugin, ev.phase, settings.handler_timeout)
+                    % (ev.plugin, ev.phase, settings.handler_timeout),
+                    None,
                 )
+                return None
 
-        kind, payload = message
-        if kind == CALL:
-            method = payload.get("Method")
-            if method in TERMINAL_METHODS:
-                # Kong runs it and sends no Step. The worker finishes the handler; whichever
-                # of the two comes last (this read, the handler's return) frees the worker.
-                with self.lock:
-                    self._end_locked(ev, EXIT if method == "kong.response.exit" else ERROR)
-                    release = ev.returned
-                if release:
-                    self.pool.release(worker)
-            else:
-                with self.lock:
-                    ev.state = WAITING_KONG
-                    ev.deadline = self.backend.clock() + settings.event_ttl
-            return {"Data": payload, "EventId": ev.id}
+    # -- the worker's side ----------------------------------------------------------------------
 
-        if kind == FINISHED:
-            self._end(ev, RET)
-            self.pool.release(worker)
-            return {"Data": "ret", "EventId": ev.id}
-
-        # FAILED: the handler raised before its event ended.
-        self._end(ev, RAISED)
-        self.pool.release(worker)
-        if settings.on_error == "fail-closed" and ev.phase in FAIL_CLOSED_PHASES:
-            return {"Data": {"Method": "kong.response.error", "Args": [500]}, "EventId": ev.id}
-        raise self.error_type(payload)
-
-    def _end(self, ev: Event, cause: str) -> bool:
+    def post_call(self, ev: Event, call: Any, terminal: Optional[str]) -> bool:
+        """Send a PDK call of the handler to Kong as the reply it owes; False when its event
+        has ended. `terminal`: the method's name when it is kong.response.exit/error."""
         with self.lock:
-            return self._end_locked(ev, cause)
-
-    def _end_locked(self, ev: Event, cause: str) -> bool:
-        if ev.cause is not None:
-            return False
-        ev.cause = cause
-        del self.events[ev.id]
-        self.ended[cause] += 1
+            if ev.ended:
+                return False
+            conn = ev.conn
+            assert conn is not None
+            if terminal:
+                # Kong runs it and sends no Step: the event ends here; the handler goes on
+                # until it returns, with no connection.
+                ev.terminal_sent = terminal
+                self._end_locked(ev, EXIT if terminal == "kong.response.exit" else ERROR)
+                self._take_back_locked(ev, conn)
+            else:
+                ev.state = WAITING_KONG
+                ev.deadline = self.backend.clock() + config.current().event_ttl
+        conn.reply(conn.owed, None, {"Data": call, "EventId": ev.id})
+        if terminal:
+            conn.returned.put(None)
         return True
 
-    # -- the worker's side --------------------------------------------------------------------
+    def wait_answer(self, ev: Event, worker: Worker) -> Any:
+        """Kong's answer to the handler's last PDK call: (data, err), or ABANDONED. Reads the
+        connection that call went on while the event holds it."""
+        conn = ev.conn
+        while conn is not None and conn.holder is ev:
+            if worker.wait_readable(conn.sock):
+                message = conn.read_quietly()
+                answer = self._own_step(ev, conn, message)
+                if answer is not None:
+                    return answer
+                self._give_back(ev, conn, message)  # the listener serves it
+                break
+            answer = worker.inbox.get_nowait()  # woken: a Step came elsewhere, or the reaper
+            if answer is not TIMED_OUT:
+                self._give_back(ev, conn, None)
+                return answer
+        return worker.inbox.get()
 
-    def post_call(self, ev: Event, worker: Worker, call: Any, terminal: Optional[str]) -> bool:
-        """Hand a PDK call of the handler to the engine; False when its event has ended.
-        `terminal`: the method's name when it is kong.response.exit/error."""
+    def _own_step(self, ev: Event, conn: KongConnection, message: Any) -> Any:
+        """(data, err) if `message` is the Step this event waits for, else None."""
+        if message is EOF or isinstance(message, BadStream):
+            return None
+        try:
+            msgid, name, params = check_request(message)
+        except (BadRequest, BadStream):
+            return None
+        if name not in STEP_NAMES or params[0]["EventId"] != ev.id:
+            return None
         with self.lock:
-            if ev.ended or ev.terminal_sent:
-                return False
-            if terminal:
-                ev.terminal_sent = terminal
-            worker.outbox.put((CALL, call))
-            return True
+            if ev.ended or ev.state != WAITING_KONG:
+                return None
+            ev.state = RUNNING
+            ev.running_since = self.backend.clock()
+            ev.conn = conn
+        conn.owed = msgid
+        conn.log_request(msgid, name, params)
+        data = params[0].get("Data")
+        return (None, data) if name == "StepError" else (data, None)
+
+    def _give_back(self, ev: Event, conn: KongConnection, item: Any) -> None:
+        with self.lock:
+            if not self._take_back_locked(ev, conn):
+                return
+        conn.returned.put(item)
+
+    def _take_back_locked(self, ev: Event, conn: KongConnection) -> bool:
+        if conn.holder is not ev:  # the listener took it back (handler_timeout)
+            return False
+        conn.holder = None
+        if ev.conn is conn:
+            ev.conn = None
+        return True
 
     def _run_job(self, worker: Worker, job: Any) -> None:
         ev, handler = job
@@ -260,26 +311,38 @@ class Engine:
         if channel is None:
             channel = worker.state = PDKChannel(self, worker, self.lua_style)
         channel.begin(ev)
-        message: Tuple[str, Optional[str]]
+        failure: Optional[str] = None
         try:
             self.backend.run_handler(worker, handler, channel)
         except BaseException as ex:  # noqa: B036 - a plugin's SystemExit must not kill a worker
-            message = (FAILED, self._describe_failure(ev, ex))
-        else:
-            message = (FINISHED, None)
+            failure = self._describe_failure(ev, ex)
         finally:
             channel.begin(None)
 
         with self.lock:
-            ev.returned = True
-            # After a terminal call, the engine may not have read it from the outbox yet:
-            # if so, it frees the worker when it does (a new event must find the outbox empty).
-            hand_back_myself = ev.ended
-            if not hand_back_myself and not ev.terminal_sent:
-                worker.outbox.put(message)
             self.stuck.pop(worker, None)
-        if hand_back_myself:
-            self.pool.release(worker)
+            conn = ev.conn
+            # Kong waits for a reply only while the event is RUNNING and has not ended.
+            answer_kong = not ev.ended and ev.state == RUNNING and conn is not None
+            if not ev.ended:
+                self._end_locked(ev, RET if answer_kong and failure is None else RAISED)
+            if conn is not None and not self._take_back_locked(ev, conn):
+                conn = None
+        if conn is not None:
+            if answer_kong:
+                conn.reply(conn.owed, *self._last_reply(ev, failure))
+            conn.returned.put(None)
+        self.pool.release(worker)
+
+    @staticmethod
+    def _last_reply(ev: Event, failure: Optional[str]) -> "tuple[Optional[str], Any]":
+        """(error, result) of the reply that ends a returned or raised handler's event."""
+        if failure is None:
+            return None, {"Data": "ret", "EventId": ev.id}
+        if config.current().on_error == "fail-closed" and ev.phase in FAIL_CLOSED_PHASES:
+            error_500 = {"Method": "kong.response.error", "Args": [500]}
+            return None, {"Data": error_500, "EventId": ev.id}
+        return failure, None
 
     def _describe_failure(self, ev: Event, ex: BaseException) -> str:
         self.logger.error(
@@ -291,6 +354,14 @@ class Engine:
         else:
             what = "%s: %s" % (type(ex).__name__, ex)
         return "kong-pdk-fix: plugin %s raised in its %s handler: %s" % (ev.plugin, ev.phase, what)
+
+    def _end_locked(self, ev: Event, cause: str) -> bool:
+        if ev.cause is not None:
+            return False
+        ev.cause = cause
+        del self.events[ev.id]
+        self.ended[cause] += 1
+        return True
 
     # -- observability -------------------------------------------------------------------------
 
@@ -344,9 +415,10 @@ class Reaper:
             for ev in list(engine.events.values()):
                 if ev.state == WAITING_KONG and ev.deadline <= now:
                     engine._end_locked(ev, ABANDONED_CAUSE)
-                    ev.worker.inbox.put(ABANDONED)  # its handler waits in PDKChannel.get
+                    ev.worker.inbox.put(ABANDONED)  # its handler waits in wait_answer
                     reaped.append(ev)
         for ev in reaped:
+            ev.worker.wake()  # it may be reading the connection its last call went on
             engine.logger.info(
                 "kong-pdk-fix: event %d of %s (%s) reaped: no Step from Kong "
                 "within event_ttl" % (ev.id, ev.plugin, ev.phase)

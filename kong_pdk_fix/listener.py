@@ -62,7 +62,8 @@ PARAMS: Dict[str, Any] = {
     "CloseInstance": int,
     "HandleEvent": _EVENT_KEYS,
 }
-PARAMS.update((kong, _STEP_KEYS) for kong, name in METHODS.items() if name.startswith("step"))
+STEP_NAMES = frozenset(kong for kong, name in METHODS.items() if name.startswith("step"))
+PARAMS.update((kong, _STEP_KEYS) for kong in STEP_NAMES)
 
 
 class BadRequest(Exception):
@@ -98,11 +99,14 @@ def _params_match(params: list, expected: Any) -> bool:
     if len(params) != 1:
         return False
     (param,) = params
-    if isinstance(expected, dict):
-        return isinstance(param, dict) and all(
-            isinstance(param.get(key), kind) for key, kind in expected.items()
-        )
-    return isinstance(param, expected)
+    if not isinstance(expected, dict):
+        return isinstance(param, expected)
+    if not isinstance(param, dict):
+        return False
+    for key, kind in expected.items():
+        if not isinstance(param.get(key), kind):
+            return False
+    return True
 
 
 def _describe(expected: Any) -> str:
@@ -117,31 +121,47 @@ def _short(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-class KongConnection:
-    """The reading and writing side of one connection; one thread (or greenlet) uses it."""
+# What a worker leaves in KongConnection.returned when Kong closed the connection.
+EOF = object()
+# No message read ahead (serve's `message`).
+NOTHING = object()
 
-    def __init__(self, sock: Any, max_message_size: int) -> None:
+
+class KongConnection:
+    """One Kong connection: its reader and writer, and who holds it. The listener thread (or
+    greenlet) serving it lends it to an event's worker from a HandleEvent or Step until the
+    worker gives it back (engine.py); only the holder reads or writes it."""
+
+    def __init__(self, sock: Any, logger: Any, returned: Any) -> None:
         self.sock = sock
-        self.max_message_size = max_message_size
+        self.logger = logger
+        self.debug = _debug_enabled(logger)
+        self.max_message_size = config.current().max_message_size
         self.unpacker = msgpack.Unpacker(
             raw=False,
             strict_map_key=False,
             unicode_errors="surrogateescape",
-            max_buffer_size=max_message_size,
+            max_buffer_size=self.max_message_size,
         )
         self.packer = msgpack.Packer(unicode_errors="surrogateescape")
         self.fed = 0  # bytes fed to the unpacker so far, to tell a truncated message at EOF
         self.pid_sent = False
+        self.owed = 0  # msgid of the request read last: the next reply answers it
+        self.holder: Any = None  # the event whose worker holds it (guarded by the engine lock)
+        # The worker gives it back through this one-slot mailbox with None (read on), a
+        # message it read that is not for its event, EOF or a BadStream.
+        self.returned = returned
 
     def read(self) -> Any:
-        """The next message, or None when Kong closed the connection between messages."""
+        """The next message; EOF when Kong closed the connection between messages."""
         while True:
-            try:
-                return self.unpacker.unpack()
-            except msgpack.OutOfData:
-                pass
-            except ValueError as ex:  # FormatError, StackError, a length over the limits
-                raise BadStream("not MessagePack: %s" % ex) from None
+            if self.fed != self.unpacker.tell():  # bytes buffered: maybe a whole message
+                try:
+                    return self.unpacker.unpack()
+                except msgpack.OutOfData:
+                    pass
+                except ValueError as ex:  # FormatError, StackError, a length over the limits
+                    raise BadStream("not MessagePack: %s" % ex) from None
             try:
                 data = self.sock.recv(READ_SIZE)
             except OSError:  # reset by Kong: the same as a close
@@ -150,7 +170,7 @@ class KongConnection:
                 pending = self.fed - self.unpacker.tell()
                 if pending:
                     raise BadStream("truncated message: closed after %d bytes of it" % pending)
-                return None
+                return EOF
             try:
                 self.unpacker.feed(data)
             except msgpack.BufferFull:
@@ -159,7 +179,20 @@ class KongConnection:
                 ) from None
             self.fed += len(data)
 
+    def read_quietly(self) -> Any:
+        """read(), with a BadStream returned instead of raised (for a worker to hand on)."""
+        try:
+            return self.read()
+        except BadStream as ex:
+            return ex
+
+    def log_request(self, msgid: int, name: str, params: list) -> None:
+        if self.debug:
+            self.logger.debug("rpc: #%d method: plugin.%s args: %s" % (msgid, name, params))
+
     def reply(self, msgid: int, error: Optional[str], result: Any) -> None:
+        if self.debug:
+            self.logger.debug("rpc: #%d return: %s" % (msgid, error or result))
         try:
             payload = self.packer.pack([RESPONSE, msgid, error, result])
         except Exception as ex:  # a result MessagePack cannot carry
@@ -167,46 +200,65 @@ class KongConnection:
         if not self.pid_sent:
             self.pid_sent = True
             payload = self.packer.pack([NOTIFICATION, "serverPid", os.getpid()]) + payload
-        self.sock.sendall(payload)
+        try:
+            self.sock.sendall(payload)
+        except OSError as ex:  # Kong went away; its next read on this connection sees EOF
+            self.logger.info("kong-pdk-fix: reply #%d not delivered: %s" % (msgid, ex))
 
 
-def serve(server: Any, sock: Any) -> None:
+def serve(server: Any, engine: Any, sock: Any) -> None:
     """Serve Kong's requests on `sock` until Kong closes it or its stream is unreadable."""
-    logger = server.logger
-    debug = _debug_enabled(logger)
-    conn = KongConnection(sock, config.current().max_message_size)
+    conn = KongConnection(sock, server.logger, engine.backend.mailbox())
+    message: Any = NOTHING
     try:
         while True:
-            message = conn.read()
-            if message is None:
+            if message is NOTHING:
+                message = conn.read()
+            if message is EOF:
                 return
+            if isinstance(message, BadStream):
+                raise message
+            request: Any = message
+            message = NOTHING
             try:
-                msgid, name, params = check_request(message)
+                msgid, name, params = check_request(request)
             except BadRequest as ex:
-                logger.warn("kong-pdk-fix: bad request: %s" % ex)
-                conn.reply(message[1], "bad request: %s" % ex, None)
+                server.logger.warn("kong-pdk-fix: bad request: %s" % ex)
+                conn.reply(request[1], "bad request: %s" % ex, None)
                 continue
-            if debug:
-                logger.debug("rpc: #%d method: plugin.%s args: %s" % (msgid, name, params))
-            error, result = _call(server, logger, msgid, name, params)
-            if debug:
-                logger.debug("rpc: #%d return: %s" % (msgid, result))
-            conn.reply(msgid, error, result)
+            conn.owed = msgid
+            conn.log_request(msgid, name, params)
+            if name == "HandleEvent" or name in STEP_NAMES:
+                try:
+                    if name == "HandleEvent":
+                        engine.handle_event(params[0], conn)
+                    else:
+                        engine.step(params[0], conn, is_error=name == "StepError")
+                except Exception as ex:
+                    conn.reply(msgid, *_failed(server.logger, msgid, name, ex))
+                    continue
+                # The event's worker answers and may read on; it gives back what it read.
+                returned = engine.wait_for_return(conn)
+                if returned is not None:
+                    message = returned
+                continue
+            try:
+                result = getattr(server, METHODS[name])(*params)
+            except Exception as ex:
+                conn.reply(msgid, *_failed(server.logger, msgid, name, ex))
+                continue
+            conn.reply(msgid, None, result)
     except BadStream as ex:
-        logger.error("kong-pdk-fix: closing connection: %s" % ex)
-    except OSError as ex:  # Kong went away while we were writing
-        logger.info("kong-pdk-fix: connection lost: %s" % ex)
+        server.logger.error("kong-pdk-fix: closing connection: %s" % ex)
 
 
-def _call(server: Any, logger: Any, msgid: int, name: str, params: list) -> Tuple[Any, Any]:
-    try:
-        return None, getattr(server, METHODS[name])(*params)
-    except (PluginServerException, PDKException) as ex:
+def _failed(logger: Any, msgid: int, name: str, ex: Exception) -> Tuple[str, None]:
+    """The error reply for a call that raised, logged as upstream's listener logs it."""
+    if isinstance(ex, (PluginServerException, PDKException)):
         logger.warn("rpc: #%d error: %s" % (msgid, ex))
         return str(ex), None
-    except Exception as ex:
-        logger.error("rpc: #%d exception: %s" % (msgid, traceback.format_exc()))
-        return "plugin.%s failed: %s: %s" % (name, type(ex).__name__, ex), None
+    logger.error("rpc: #%d exception: %s" % (msgid, traceback.format_exc()))
+    return "plugin.%s failed: %s: %s" % (name, type(ex).__name__, ex), None
 
 
 def _debug_enabled(logger: Any) -> bool:

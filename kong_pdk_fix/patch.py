@@ -1,7 +1,8 @@
-"""install() and uninstall(): thin wrapt wrappers on kong_pdk.server.PluginServer that hand
-HandleEvent, Step* and GetStatus to the engine, on StartInstance to number instances apart
-from earlier server processes, and on kong_pdk.listener.Server.handle that hand each Kong
-connection to our listener. Upstream files are never edited.
+"""install() and uninstall(): thin wrapt wrappers. kong_pdk.listener.Server.handle hands each
+Kong connection to our listener (which hands HandleEvent and Step* to the engine instead of
+upstream's PluginServer methods); on kong_pdk.server.PluginServer, GetStatus adds the engine's
+stats and StartInstance numbers instances apart from earlier server processes. Upstream files
+are never edited.
 
 install() is idempotent, thread-safe, all-or-nothing and reversible; it refuses an unsupported
 kong-pdk with one log line and leaves upstream as it was.
@@ -46,21 +47,6 @@ def _engine_for(server: Any) -> Any:
         return engine
 
 
-# The wrappers never call upstream's method (`wrapped`): the engine replaces it.
-
-
-def _handle_event(wrapped: Callable, server: Any, args: tuple, kwargs: dict) -> Any:
-    return _engine_for(server).handle_event(*args, **kwargs)
-
-
-def _step(wrapped: Callable, server: Any, args: tuple, kwargs: dict) -> Any:
-    return _engine_for(server).step(*args, **kwargs)
-
-
-def _step_error(wrapped: Callable, server: Any, args: tuple, kwargs: dict) -> Any:
-    return _engine_for(server).step(*args, is_error=True, **kwargs)
-
-
 def _get_status(wrapped: Callable, server: Any, args: tuple, kwargs: dict) -> Any:
     status = wrapped(*args, **kwargs)
     status["KongPdkFix"] = _engine_for(server).stats()
@@ -80,23 +66,18 @@ def _start_instance(wrapped: Callable, server: Any, args: tuple, kwargs: dict) -
 def _handle_connection(wrapped: Callable, listener: Any, args: tuple, kwargs: dict) -> Any:
     from .listener import serve
 
-    serve(listener.ps, args[0] if args else kwargs["fd"])
+    serve(listener.ps, _engine_for(listener.ps), args[0] if args else kwargs["fd"])
 
 
 def _wrappers(server_module: Any) -> Dict[Tuple[type, str], Callable]:
     import kong_pdk.listener
 
     cls = server_module.PluginServer
-    wrappers: Dict[Tuple[type, str], Callable] = {
-        (cls, "handle_event"): _handle_event,
+    return {
         (cls, "get_status"): _get_status,
         (cls, "start_instance"): _start_instance,
-        (cls, compat.ERROR_STEP_METHOD): _step_error,
         (kong_pdk.listener.Server, "handle"): _handle_connection,
     }
-    for name in compat.STEP_METHODS:
-        wrappers[(cls, name)] = _step
-    return wrappers
 
 
 def install() -> bool:

@@ -48,9 +48,11 @@ class Plugin(object):
 # Run in the children before the shim is imported: upstream's class as it was, and a check
 # that each patched attribute is one wrapper layer over upstream's own function.
 SNAPSHOT = """
+import kong_pdk.listener as listener_module
 import kong_pdk.server as server_module
 cls = server_module.PluginServer
 originals = dict(vars(cls))
+listener_originals = dict(vars(listener_module.Server))
 """
 HELPERS = f'''
 import logging, warnings
@@ -60,16 +62,19 @@ def changed_names():
 
 def check_one_layer():
     names = changed_names()
-    assert "handle_event" in names, names
+    assert "get_status" in names, names
     for name in names:
         inner = getattr(vars(cls)[name], "__wrapped__", None)
         assert inner is originals[name], (name, inner, originals[name])
+    handle = vars(listener_module.Server)["handle"]
+    assert handle.__wrapped__ is listener_originals["handle"]
     assert vars(cls)["{SENTINEL}"] is True
 
 def check_restored():
     assert set(vars(cls)) == set(originals), set(vars(cls)) ^ set(originals)
     for name, value in originals.items():
         assert vars(cls)[name] is value, name
+    assert vars(listener_module.Server)["handle"] is listener_originals["handle"]
     assert not getattr(cls, "{SENTINEL}", False)
 
 class Records(logging.Handler):
@@ -364,7 +369,10 @@ def rpc(path: str, method: str, args: list[Any], timeout: float = 10) -> Any:
             data = conn.recv(65536)
             assert data, "the plugin server closed the connection"
             unpacker.feed(data)
-            for kind, msgid, error, result in unpacker:
+            for message in unpacker:
+                if message[:2] == [2, "serverPid"]:  # the fix's notification, before a reply
+                    continue
+                kind, msgid, error, result = message
                 assert (kind, msgid) == (1, 1)
                 assert error is None, error
                 return result
