@@ -65,6 +65,7 @@ class Event:
         "worker",
         "state",
         "conn",
+        "reading",
         "running_since",
         "deadline",
         "cause",
@@ -80,6 +81,8 @@ class Event:
         self.state = RUNNING
         # The connection whose request (HandleEvent or the last Step) the event owes a reply.
         self.conn: Optional[KongConnection] = None
+        # The connection its last PDK call went on, which its worker reads for the Step.
+        self.reading: Optional[KongConnection] = None
         self.running_since = 0.0  # when RUNNING: handler_timeout counts from here
         self.deadline = 0.0  # when WAITING_KONG: the reaper ends it after this
         self.cause: Optional[str] = None  # set once, when the event ends
@@ -247,6 +250,7 @@ class Engine:
             else:
                 ev.state = WAITING_KONG
                 ev.deadline = self.backend.clock() + config.current().event_ttl
+                ev.reading = conn
         conn.reply(conn.owed, None, {"Data": call, "EventId": ev.id})
         if terminal:
             conn.returned.put(None)
@@ -254,8 +258,9 @@ class Engine:
 
     def wait_answer(self, ev: Event, worker: Worker) -> Any:
         """Kong's answer to the handler's last PDK call: (data, err), or ABANDONED. Reads the
-        connection that call went on while the event holds it."""
-        conn = ev.conn
+        connection that call went on while the event holds it (a Step may already have come
+        on another one and moved ev.conn)."""
+        conn, ev.reading = ev.reading, None
         while conn is not None and conn.holder is ev:
             if worker.wait_readable(conn.sock):
                 message = conn.read_quietly()

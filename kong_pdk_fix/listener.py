@@ -144,7 +144,9 @@ class KongConnection:
             max_buffer_size=self.max_message_size,
         )
         self.packer = msgpack.Packer(unicode_errors="surrogateescape")
-        self.fed = 0  # bytes fed to the unpacker so far, to tell a truncated message at EOF
+        # Bytes fed to the unpacker, and up to the end of the last whole message (the
+        # unpacker's own tell() also counts a message it has only begun to parse).
+        self.fed = self.consumed = 0
         self.pid_sent = False
         self.owed = 0  # msgid of the request read last: the next reply answers it
         self.holder: Any = None  # the event whose worker holds it (guarded by the engine lock)
@@ -155,19 +157,25 @@ class KongConnection:
     def read(self) -> Any:
         """The next message; EOF when Kong closed the connection between messages."""
         while True:
-            if self.fed != self.unpacker.tell():  # bytes buffered: maybe a whole message
+            if self.fed != self.consumed:  # bytes buffered: maybe a whole message
                 try:
-                    return self.unpacker.unpack()
+                    message = self.unpacker.unpack()
                 except msgpack.OutOfData:
                     pass
                 except ValueError as ex:  # FormatError, StackError, a length over the limits
-                    raise BadStream("not MessagePack: %s" % ex) from None
+                    raise BadStream(
+                        "not MessagePack (%s) at byte %d"
+                        % (str(ex) or type(ex).__name__, self.consumed)
+                    ) from None
+                else:
+                    self.consumed = self.unpacker.tell()
+                    return message
             try:
                 data = self.sock.recv(READ_SIZE)
             except OSError:  # reset by Kong: the same as a close
                 data = b""
             if not data:
-                pending = self.fed - self.unpacker.tell()
+                pending = self.fed - self.consumed
                 if pending:
                     raise BadStream("truncated message: closed after %d bytes of it" % pending)
                 return EOF
