@@ -4,6 +4,10 @@ memory, without forking it.
 `import kong_pdk_fix` is enough: it registers a post-import hook that patches
 `kong_pdk.server` as soon as it is (or if it already was) imported. KONG_PDK_FIX_DISABLE=1
 turns every activation off.
+
+PYTEST_DONT_REWRITE: the wheel's .pth imports this package at interpreter start, before pytest
+loads the package's pytest plugin (kong_pdk_fix.testing.plugin); without this marker pytest
+warns that it cannot rewrite an already imported package, an error under `-W error`.
 """
 
 from __future__ import annotations
