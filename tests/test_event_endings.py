@@ -8,7 +8,7 @@ import socket
 
 import msgpack
 import pytest
-from servers import MODES, running_server, wait_until
+from servers import MODES, RawConnection, running_server, wait_until
 
 from kong_pdk_fix.kongsim import STALL, LuaError, ScriptedPDK, drive
 
@@ -163,6 +163,40 @@ def test_a_connection_that_dies_mid_event_leaves_nothing(tmp_path):
         assert wait_until(lambda: _idle(srv), 3.0), srv.shim_stats()
         assert srv.shim_stats()["ended"]["abandoned"] == 1
         assert srv.run("pdk_calls").kind == "ret"
+
+
+# -- one event, several connections -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_events_calls_may_move_between_connections(tmp_path, mode):
+    """KONG_PROTOCOL.md: consecutive calls of one event may arrive on different connections,
+    and a connection carries calls of other events meanwhile. The worker answers on whichever
+    connection the event's last call came on and hands back the one it was reading."""
+    with running_server(tmp_path, patched=True, plugins=["pdk_calls"], mode=mode) as srv:
+        iid = srv.kong.start_instance("pdk_calls")
+        path = srv.server.socket_path
+        with RawConnection(path) as a, RawConnection(path) as b:
+            data = a.call("plugin.HandleEvent", {"InstanceId": iid, "EventName": "access"})[3]
+            eid = data["EventId"]
+            assert data["Data"]["Method"] == "kong.request.get_header"
+            # While the event waits for Kong its worker reads `a`: another call there is served.
+            assert a.call("plugin.GetStatus", None)[2] is None
+            data = b.call("plugin.Step", {"EventId": eid, "Data": "example.com"})[3]
+            assert data["Data"]["Method"] == "kong.request.get_headers"
+            assert a.call("plugin.GetStatus", None)[2] is None
+            data = a.call("plugin.Step", {"EventId": eid, "Data": {"host": ["example.com"]}})[3]
+            assert data["Data"]["Method"] == "kong.response.set_header"
+            assert b.call("plugin.GetStatus", None)[2] is None
+            assert b.call("plugin.Step", {"EventId": eid, "Data": None})[3] == {
+                "Data": "ret",
+                "EventId": eid,
+            }
+            # Both connections are still served, by their own listener threads.
+            assert a.call("plugin.GetStatus", None)[2] is None
+            assert b.call("plugin.GetStatus", None)[2] is None
+        assert wait_until(lambda: _idle(srv), 3.0), srv.shim_stats()
+        assert srv.shim_stats()["ended"]["ret"] == 1
 
 
 # -- a PDK call after kong.response.exit --------------------------------------------------------
