@@ -1,12 +1,15 @@
-"""Where plugin handlers run: a bounded pool of reused workers, each with its own reused pair
-of one-slot mailboxes. The engine decides what goes through them; this module only moves
-things and knows nothing of Kong's events.
+"""Where plugin handlers run: a bounded pool of reused workers, each with a reused inbox (a
+one-slot mailbox) and a wake-up pipe that interrupts its read of a lent Kong connection. The
+engine decides what goes through them; this module only moves things and knows nothing of
+Kong's events.
 
-A backend gives the engine `lock()`, `clock()`, `sleep()`, `spawn()` for its reaper, a
-`WorkerPool`, and `run_handler()`. Three of them, one per kong-pdk mode:
+A backend gives the engine `lock()`, `clock()`, `sleep()`, `spawn()` for its reaper,
+`mailbox()`, `poller()`, a `WorkerPool`, and `run_handler()`. Three of them, one per kong-pdk
+mode:
 - ThreadBackend (the default): a worker is a thread.
-- GeventBackend (`-g`): a worker is a greenlet; its mailboxes are buffered gevent queues
-  (upstream's gevent Channel is a rendezvous, so its last put after an exit blocks for ever).
+- GeventBackend (`-g`): a worker is a greenlet; mailboxes are buffered gevent queues (upstream's
+  gevent Channel is a rendezvous, so its last put after an exit blocks for ever), polling is
+  gevent's.
 - ProcessBackend (`-m`): the handler runs in a process of upstream's multiprocessing pool, as
   upstream does; a worker is a thread that owns one pipe to one pool process for the life of
   the process and relays the handler's PDK calls through the engine's PDK channel.

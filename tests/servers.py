@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import msgpack
 
 from kong_pdk_fix.compat import parse_version
 from kong_pdk_fix.kongsim import Kong, PluginServerProcess, ScriptedPDK, install_probe, probe_heap
@@ -138,4 +142,105 @@ def describe(before: Sample, after: Sample) -> str:
             "rss_kib": [before.rss // 1024, after.rss // 1024],
             "events": [before.events, after.events],
         }
+    )
+
+
+class RawConnection:
+    """A unix-socket connection to the plugin server that sends whatever bytes it is given,
+    for hostile input. Reads decode `str` as Kong does (any bytes), and remember
+    notifications (`[2, label, value]`) apart from replies."""
+
+    def __init__(self, socket_path: str, timeout: float = 5.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(socket_path)
+        self.unpacker = msgpack.Unpacker(
+            raw=False, strict_map_key=False, unicode_errors="surrogateescape"
+        )
+        self.messages: List[Any] = []  # everything read, notifications included, in order
+        self._ids = itertools.count(1000)
+
+    def __enter__(self) -> "RawConnection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, payload: bytes) -> None:
+        self.sock.sendall(payload)
+
+    def send_message(self, message: Any) -> None:
+        self.send(msgpack.packb(message, unicode_errors="surrogateescape"))
+
+    def read(self) -> Any:
+        """The next message (a notification too); raises EOFError when the server closed the
+        connection, socket.timeout when nothing came."""
+        while True:
+            try:
+                message = next(self.unpacker)
+            except StopIteration:
+                pass
+            else:
+                self.messages.append(message)
+                return message
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                raise EOFError("the plugin server closed the connection")
+            self.unpacker.feed(data)
+
+    def reply(self) -> List[Any]:
+        """The next message that is not a notification."""
+        while True:
+            message = self.read()
+            if not (isinstance(message, list) and len(message) == 3 and message[0] == 2):
+                return message
+
+    def call(self, method: str, arg: Any) -> List[Any]:
+        """Send a well-formed request and return its reply `[1, msgid, error, result]`."""
+        msgid = next(self._ids)
+        self.send_message([0, msgid, method, [arg]])
+        reply = self.reply()
+        assert isinstance(reply, list) and reply[:2] == [1, msgid], reply
+        return reply
+
+    def closed_by_server(self) -> bool:
+        """True when the server closes the connection without another message (within the
+        timeout); False when a message arrives first."""
+        try:
+            self.read()
+        except EOFError:
+            return True
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def fresh_event(
+    running: "Running",
+    plugin: str,
+    pdk: Optional[ScriptedPDK] = None,
+    config: Optional[dict] = None,
+    phase: str = "access",
+) -> Any:
+    """One event by a new Kong worker whose every call is on a new connection (the server
+    must serve new connections whatever happened on the old ones)."""
+    kong = running.server.kong(read_timeout=10.0, event_connection_policy="fresh")
+    try:
+        return kong.run_event(plugin, phase, pdk or ScriptedPDK(), config)
+    finally:
+        kong.close()
+
+
+def idle(running: "Running") -> bool:
+    """The shim's event table is empty and no worker is busy or stuck."""
+    stats = running.shim_stats()
+    return (
+        stats is not None
+        and sum(stats["events"].values()) == 0
+        and stats["workers"]["busy"] == 0
+        and stats["workers"]["stuck"] == 0
     )
