@@ -17,6 +17,7 @@ mode:
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import queue
@@ -28,6 +29,8 @@ import traceback
 from typing import Any, Callable, List, Optional
 
 from .bridge import TERMINAL_METHODS
+
+log = logging.getLogger("kong_pdk_fix")
 
 # Pool process -> worker messages over a -m link, (kind, payload); READY starts a link.
 CALL, FINISHED, FAILED, READY = "call", "finished", "failed", "ready"
@@ -72,25 +75,33 @@ class Worker:
         self.backend = backend
         self.inbox = backend.mailbox()
         self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._poller = backend.poller()
-        self._poller.register(self._wake_r, select.POLLIN)
-        self.state: Any = None  # the engine's per-worker data (its PDK channel)
-        self.link: Any = None  # the process backend's pipe to its pool process
-        self._run_job = run_job
-        self._handle = backend.spawn(self._loop, "kong-pdk-fix-worker-%d" % index)
-
-    def _loop(self) -> None:
         try:
-            while True:
-                job = self.inbox.get()
-                if job is STOP:
-                    return
-                self._run_job(self, job)
-        finally:
+            os.set_blocking(self._wake_r, False)
+            os.set_blocking(self._wake_w, False)
+            self._poller = backend.poller()
+            self._poller.register(self._wake_r, select.POLLIN)
+            self.state: Any = None  # the engine's per-worker data
+            self.link: Any = None  # the process backend's pipe to its pool process
+            self._run_job = run_job
+            self._handle = backend.spawn(self._loop, "kong-pdk-fix-worker-%d" % index)
+        except BaseException:
             os.close(self._wake_r)
             os.close(self._wake_w)
+            raise
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                job = self.inbox.get()
+                if job is STOP:
+                    break
+                if not (isinstance(job, tuple) and len(job) == 2 and callable(job[1])):
+                    continue  # never a job: a stale answer
+                self._run_job(self, job)
+            except BaseException:  # noqa: B036 - e.g. a gevent.Timeout a handler left armed
+                log.error("kong-pdk-fix: worker %d survived an error:", self.index, exc_info=True)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def wake(self) -> None:
         try:
@@ -140,12 +151,16 @@ class WorkerPool:
         """An idle worker, a new one while under the bound, or None after `timeout` s."""
         if not self._slots.acquire(timeout=timeout):
             return None
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-            worker = Worker(len(self._all), self._run_job, self._backend)
-            self._all.append(worker)
-            return worker
+        try:
+            with self._lock:
+                if self._idle:
+                    return self._idle.pop()
+                worker = Worker(len(self._all), self._run_job, self._backend)
+                self._all.append(worker)
+                return worker
+        except BaseException:
+            self._slots.release()  # no worker: give its slot back
+            raise
 
     def release(self, worker: Worker) -> None:
         with self._lock:

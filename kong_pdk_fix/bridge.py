@@ -24,40 +24,49 @@ ABANDONED = object()
 
 
 class PDKChannel:
-    """One per worker, reused for every event the worker runs."""
+    """One per event: a thread the handler left running cannot reach the next event."""
 
-    def __init__(self, engine: "Engine", worker: "Worker", lua_style: bool) -> None:
+    def __init__(
+        self, engine: "Engine", worker: "Worker", event: "Event", lua_style: bool, call_lock: Any
+    ) -> None:
         from kong_pdk.pdk import Kong  # imported late: kong_pdk is what we patch
 
         self._engine = engine
         self._worker = worker
-        self.event: Optional["Event"] = None
-        self._refusal: Optional[str] = None
-        self.kong = Kong(self, lua_style).kong
-
-    def begin(self, event: Optional["Event"]) -> None:
-        """Serve `event` from now on (None: between events)."""
         self.event = event
-        self._refusal = None
+        self._refusal: Optional[str] = None
+        # Held from put() to get(): threads (greenlets) of one handler take turns, so no two
+        # replies are ever written for one request and each caller gets its own answer.
+        self._call_lock = call_lock
+        self.kong = Kong(self, lua_style).kong
 
     def put(self, call: Any) -> None:
         event = self.event
-        assert event is not None, "PDK call outside an event"
         method = call.get("Method") if isinstance(call, dict) else None
         terminal = method in TERMINAL_METHODS
-        if self._engine.post_call(event, call, method if terminal else None):
-            self._refusal = None
-        elif not terminal:
+        self._call_lock.acquire()
+        try:
+            sent = self._engine.post_call(event, call, method if terminal else None)
+        except BaseException:
+            self._call_lock.release()
+            raise
+        if terminal:
+            self._call_lock.release()  # rpc_of calls no get() after exit/error
+        elif not sent:
             # The event ended; upstream's rpc_of calls get() next and returns our answer.
             self._refusal = "%s not sent to Kong: %s" % (method, event.why_ended())
+        else:
+            self._refusal = None
 
     def get(self) -> Tuple[Any, Optional[str]]:
-        if self._refusal is not None:
-            why, self._refusal = self._refusal, None
-            return None, why
-        event = self.event
-        assert event is not None, "PDK call outside an event"
-        answer = self._engine.wait_answer(event, self._worker)
-        if answer is ABANDONED:
-            return None, "no answer from Kong: %s" % event.why_ended()
-        return answer  # (data, err) from Step or StepError
+        try:
+            if self._refusal is not None:
+                why, self._refusal = self._refusal, None
+                return None, why
+            event = self.event
+            answer = self._engine.wait_answer(event, self._worker)
+            if answer is ABANDONED:
+                return None, "no answer from Kong: %s" % event.why_ended()
+            return answer  # (data, err) from Step or StepError
+        finally:
+            self._call_lock.release()

@@ -187,7 +187,8 @@ class Engine:
                     "event id %s is not waiting for a Step (a Step for it is in progress)" % eid
                 )
             self._lend_locked(ev, conn)
-        ev.worker.inbox.put((None, result) if is_error else (result, None))
+            # Under the lock: once an event has ended, nothing more reaches its worker's inbox.
+            ev.worker.inbox.put((None, result) if is_error else (result, None))
         ev.worker.wake()  # it may be reading the connection its last reply went to
 
     def _lend_locked(self, ev: Event, conn: KongConnection) -> None:
@@ -202,7 +203,9 @@ class Engine:
         event with an error reply when its handler runs past handler_timeout."""
         while True:
             settings = config.current()
-            item = conn.returned.get(settings.handler_timeout)
+            # Look at least once a second: the worker may read a Step itself, which starts the
+            # handler's time again, so the overdue moment moves.
+            item = conn.returned.get(min(settings.handler_timeout, 1.0))
             if item is not TIMED_OUT:
                 return item
             with self.lock:
@@ -237,10 +240,9 @@ class Engine:
         """Send a PDK call of the handler to Kong as the reply it owes; False when its event
         has ended. `terminal`: the method's name when it is kong.response.exit/error."""
         with self.lock:
-            if ev.ended:
-                return False
+            if ev.ended or ev.state != RUNNING or ev.conn is None:
+                return False  # (not RUNNING: a call from another thread is waiting for Kong)
             conn = ev.conn
-            assert conn is not None
             if terminal:
                 # Kong runs it and sends no Step: the event ends here; the handler goes on
                 # until it returns, with no connection.
@@ -261,19 +263,49 @@ class Engine:
         connection that call went on while the event holds it (a Step may already have come
         on another one and moved ev.conn)."""
         conn, ev.reading = ev.reading, None
-        while conn is not None and conn.holder is ev:
-            if worker.wait_readable(conn.sock):
-                message = conn.read_quietly()
-                answer = self._own_step(ev, conn, message)
-                if answer is not None:
+        try:
+            while conn is not None and conn.holder is ev:
+                if worker.wait_readable(conn.sock):
+                    message = conn.read_quietly()
+                    answer = self._own_step(ev, conn, message)
+                    if answer is not None:
+                        return answer
+                    self._give_back(ev, conn, message)  # the listener serves it
+                    break
+                answer = worker.inbox.get_nowait()  # woken: a Step came elsewhere, or the reaper
+                if answer is not TIMED_OUT:
+                    self._give_back(ev, conn, None)
                     return answer
-                self._give_back(ev, conn, message)  # the listener serves it
-                break
-            answer = worker.inbox.get_nowait()  # woken: a Step came elsewhere, or the reaper
-            if answer is not TIMED_OUT:
-                self._give_back(ev, conn, None)
-                return answer
-        return worker.inbox.get()
+            return worker.inbox.get()
+        except BaseException:
+            self._interrupted(ev, worker, conn)
+            raise
+
+    def _interrupted(self, ev: Event, worker: Worker, reading: Optional[KongConnection]) -> None:
+        """The handler's wait for Kong was interrupted (gevent.Timeout, a kill, a failed read):
+        end the event, so no answer can reach the worker any more, and give back every
+        connection it holds; one where Kong waits for a reply gets an error reply."""
+        owed = None
+        with self.lock:
+            self._end_locked(ev, RAISED)
+            if reading is not None and not self._take_back_locked(ev, reading):
+                reading = None
+            other = ev.conn
+            if other is not None and other is not reading and ev.state == RUNNING:
+                if self._take_back_locked(ev, other):
+                    owed = other
+        while worker.inbox.get_nowait() is not TIMED_OUT:  # an answer put before the end
+            pass
+        if reading is not None:
+            reading.returned.put(None)
+        if owed is not None:
+            owed.reply(
+                owed.owed,
+                "kong-pdk-fix: plugin %s %s handler: its PDK call was "
+                "interrupted" % (ev.plugin, ev.phase),
+                None,
+            )
+            owed.returned.put(None)
 
     def _own_step(self, ev: Event, conn: KongConnection, message: Any) -> Any:
         """(data, err) if `message` is the Step this event waits for, else None."""
@@ -312,18 +344,22 @@ class Engine:
 
     def _run_job(self, worker: Worker, job: Any) -> None:
         ev, handler = job
-        channel = worker.state
-        if channel is None:
-            channel = worker.state = PDKChannel(self, worker, self.lua_style)
-        channel.begin(ev)
+        if worker.state is None:
+            worker.state = self.backend.semaphore(1)  # the worker's PDK call lock, reused
+        channel = PDKChannel(self, worker, ev, self.lua_style, worker.state)
         failure: Optional[str] = None
         try:
             self.backend.run_handler(worker, handler, channel)
         except BaseException as ex:  # noqa: B036 - a plugin's SystemExit must not kill a worker
             failure = self._describe_failure(ev, ex)
         finally:
-            channel.begin(None)
+            # Whatever happened above, the connection goes back and the worker to the pool.
+            try:
+                self._answer_last(ev, worker, failure)
+            finally:
+                self.pool.release(worker)
 
+    def _answer_last(self, ev: Event, worker: Worker, failure: Optional[str]) -> None:
         with self.lock:
             self.stuck.pop(worker, None)
             conn = ev.conn
@@ -334,10 +370,11 @@ class Engine:
             if conn is not None and not self._take_back_locked(ev, conn):
                 conn = None
         if conn is not None:
-            if answer_kong:
-                conn.reply(conn.owed, *self._last_reply(ev, failure))
-            conn.returned.put(None)
-        self.pool.release(worker)
+            try:
+                if answer_kong:
+                    conn.reply(conn.owed, *self._last_reply(ev, failure))
+            finally:
+                conn.returned.put(None)
 
     @staticmethod
     def _last_reply(ev: Event, failure: Optional[str]) -> "tuple[Optional[str], Any]":

@@ -162,7 +162,10 @@ class KongConnection:
                     message = self.unpacker.unpack()
                 except msgpack.OutOfData:
                     pass
-                except ValueError as ex:  # FormatError, StackError, a length over the limits
+                except (
+                    ValueError,
+                    TypeError,
+                ) as ex:  # FormatError, StackError, limits, unhashable key
                     raise BadStream(
                         "not MessagePack (%s) at byte %d"
                         % (str(ex) or type(ex).__name__, self.consumed)

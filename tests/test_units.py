@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from kong_pdk_fix import cli, compat, config
+from kong_pdk_fix.backends import STOP, ThreadBackend, WorkerPool
 
 
 @pytest.fixture(autouse=True)
@@ -96,3 +99,26 @@ def test_the_wrapper_splits_its_flags_from_upstreams():
     )
     assert settings == {"event_ttl": 3.0, "on_error": "fail-closed"}
     assert rest == ["-d", "/plugins", "-g", "--dump-all-plugins"]
+
+
+def test_a_worker_that_cannot_start_gives_back_its_slot_and_fds():
+    """Thread or fd exhaustion is when the pool matters most: a failed start must not shrink
+    it for good (found by review; the pool of c09f7db kept the slot and both pipe fds)."""
+
+    class Exhausted(ThreadBackend):
+        fail = True
+
+        def spawn(self, fn, name):
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("can't start new thread")
+            return super().spawn(fn, name)
+
+    pool = WorkerPool(lambda worker, job: None, 1, Exhausted())
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(RuntimeError):
+        pool.acquire(timeout=0.1)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    worker = pool.acquire(timeout=0.1)  # the one slot is still there
+    assert worker is not None
+    worker.inbox.put(STOP)
