@@ -12,7 +12,7 @@ from kong_pdk_fix.backends import STOP, ThreadBackend, WorkerPool
 
 @pytest.fixture(autouse=True)
 def _fresh_settings(monkeypatch):
-    for name in list(__import__("os").environ):
+    for name in list(os.environ):
         if name.startswith(config.ENV_PREFIX):
             monkeypatch.delenv(name)
     config.reset()
