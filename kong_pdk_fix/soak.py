@@ -507,8 +507,8 @@ def totals_text(runs: Sequence[Run], options: argparse.Namespace) -> str:
     text = table(("", *[r.name for r in runs]), [(label, *cells) for label, cells in rows])
     text += (
         "\n  threads and fds: upstream's listener keeps a thread and a socket per connection "
-        "(%d here), the fix a worker per handler running at once; both are made in the first "
-        "second, then kept" % options.concurrency
+        "(%d here), the fix adds a worker (a thread and a wake-up pipe) per handler running "
+        "at once; both are made in the first second, then kept" % options.concurrency
     )
     for run_ in runs:
         for error, n in sorted(run_.errors.items(), key=lambda item: -item[1])[:3]:
