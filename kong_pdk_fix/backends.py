@@ -330,14 +330,57 @@ class ProcessBackend(ThreadBackend):
             parent.close()
             child.close()
             raise PoolProcessDied("no pool process took the task within %d s" % LINK_TIMEOUT)
-        parent.recv()  # READY
+        _, pid = parent.recv()  # READY
         child.close()
-        return parent
+        return Link(parent, pid)
 
     def retire(self, worker: Worker) -> None:
         if worker.link is not None:
             worker.link.close()  # the pool task sees EOF and ends
         worker.stop()
+
+
+class Link:
+    """A worker's pipe to the pool process serving it, and that process's pid.
+
+    A pool process forked while another worker's link was being set up inherits that link's
+    pool-side end, so the death of the process serving that link no longer shows as EOF. A
+    wait for the pool process therefore also looks, once a second, whether it still lives."""
+
+    def __init__(self, conn: Any, pid: int) -> None:
+        self.conn = conn
+        self.pid = pid
+
+    def send(self, message: Any) -> None:
+        self.conn.send(message)
+
+    def recv(self) -> Any:
+        while not self.conn.poll(1.0):
+            if not _alive(self.pid):
+                raise EOFError("pool process %d is gone" % self.pid)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            # A zombie is dead: the pool reaps it only once its sentinel pipe closes, which a
+            # process holding a copy of that pipe (a child of the plugin) can delay.
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: a zombie counts as alive until the pool reaps it
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _ChildChannel:
@@ -358,7 +401,7 @@ def serve_in_pool_process(conn: Any, lua_style: bool) -> None:
     from kong_pdk.pdk import Kong
 
     kong = Kong(_ChildChannel(conn), lua_style).kong
-    conn.send(READY)
+    conn.send((READY, os.getpid()))
     while True:
         try:
             handler = conn.recv()

@@ -317,3 +317,16 @@ def test_a_pool_process_that_dies_is_replaced_and_its_event_answered(tmp_path, p
         assert srv.run("noop").kind == "ret"
         assert wait_until(lambda: len(srv.server.children()) == pool, 5.0)
         assert _idle(srv)
+
+
+def test_a_pool_process_death_is_seen_when_its_pipe_stays_open(tmp_path):
+    """Another process may hold the pool side of a worker's pipe (here a child the plugin
+    forked; in production a pool process forked while a link was being set up), so the death
+    shows as no EOF: the worker also watches the pool process itself."""
+    with running_server(
+        tmp_path, patched=True, plugins=["dies_leaving_a_child", "noop"], mode="process"
+    ) as srv:
+        outcome = srv.run("dies_leaving_a_child")
+        assert outcome.kind == "rpc_error" and "pool process" in outcome.error, outcome
+        assert srv.run("noop").kind == "ret"
+        assert wait_until(lambda: _idle(srv), 5.0), srv.shim_stats()
