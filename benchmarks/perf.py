@@ -252,6 +252,10 @@ def tables(
         emulator = "%.2f" % med(r["floor"], "client_cpu_10k")
         return ["%.2f" % v for v in (floor, up, fix)] + [fmt_ratio(ratio(fix, up)), emulator]
 
+    def where(r: dict) -> List[str]:
+        floor, up, fix = (med(r[k], "cpu_10k") * 100 for k in SERVERS)  # s per 10k -> µs each
+        return ["%.0f" % v for v in (floor, up, fix, fix - floor)]
+
     lines = per_scenario(
         "Events per second (%s)" % rounds,
         ["floor", "upstream", "patched", "patched ÷ upstream", "patched ÷ floor"],
@@ -266,6 +270,16 @@ def tables(
         cpu,
         note="Server: the plugin server process (utime + stime). Emulator: this benchmark's own"
         " process, the Kong side, during the floor run.",
+    )
+    lines += [""] + per_scenario(
+        "Where the time goes: server CPU µs per event (%s)" % rounds,
+        ["floor", "upstream", "patched", "patched − floor"],
+        where,
+        note="The floor's server only reads and writes the same messages. The patched server adds"
+        " kong-pdk's PDK stubs, the checks of each request and one thread hand-off to the"
+        " event's worker and one back per event, however many PDK calls the handler makes (the"
+        " worker reads its Steps itself); upstream makes a hand-off each way per PDK call and"
+        " starts a thread and two queues per event.",
     )
     rows = []
     for kind in ("upstream", "patched"):
